@@ -1,0 +1,22 @@
+"""loft_peft: LoFT (low-rank adaptation that behaves like full fine-tuning) for the Hugging Face ecosystem.
+
+``import loft_peft`` registers the ``LOFT`` PEFT type, so ``get_peft_model(model, LoftConfig(...))``,
+``PeftModel.from_pretrained`` and ``AutoPeftModelFor*.from_pretrained`` work as they do for LoRA.
+"""
+
+from .tuner import LoftConfig, LoftModel, register_loft
+
+register_loft()
+
+from .optim import LoftAdamW, create_loft_optimizer, loft_factor_pairs, loft_param_groups  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoftAdamW",
+    "LoftConfig",
+    "LoftModel",
+    "create_loft_optimizer",
+    "loft_factor_pairs",
+    "loft_param_groups",
+]

@@ -1,0 +1,220 @@
+"""What the LoFT optimizers share: factor-pair groups, effective-gradient clipping, fp32 state, plain AdamW.
+
+A LoFT optimizer has two kinds of parameter groups:
+
+* factor groups (``group["loft"] is True``): ``params`` lists each layer's factors as consecutive pairs
+  ``[loft_B, loft_A, loft_B, loft_A, ...]`` (``U = loft_B`` of shape (m, r), ``V = loft_A^T`` of shape (n, r));
+* plain groups: every other trainable parameter (biases, heads, ``modules_to_save``), stepped with AdamW.
+
+The pairing is positional so that it survives ``state_dict()`` / ``load_state_dict()``, which identify parameters by
+their position in the groups.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import maths
+
+# Which factor takes the next step, as stored in the optimizer state (a tensor, so that it is checkpointed).
+MOVE_B = 0
+MOVE_A = 1
+
+
+def maths_dtype(param: Tensor) -> torch.dtype:
+    """State and maths run in fp32 for fp32/bf16/fp16 factors, and in fp64 for fp64 factors."""
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+def check_common_hyperparameters(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+    if not isinstance(lr, (int, float)) or lr < 0.0:
+        raise ValueError(f"Invalid learning rate: {lr!r}; it must be a number >= 0.")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"Invalid betas: {betas!r}; both must lie in [0, 1).")
+    if eps < 0.0:
+        raise ValueError(f"Invalid eps: {eps!r}; it must be >= 0.")
+    if weight_decay < 0.0:
+        raise ValueError(f"Invalid weight_decay: {weight_decay!r}; it must be >= 0.")
+
+
+class LoftOptimizerBase(torch.optim.Optimizer):
+    """Base class: holds the groups and the state; subclasses implement ``_step_pair`` for one factor pair."""
+
+    def __init__(self, params: nn.Module | Iterable[Any], defaults: dict[str, Any]):
+        if isinstance(params, nn.Module):
+            from .factory import loft_param_groups
+
+            params = loft_param_groups(params)
+        groups = list(params)
+        if groups and not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        super().__init__(groups, defaults)
+        for group in self.param_groups:
+            group.setdefault("loft", False)
+            if group["loft"]:
+                self._check_factor_group(group)
+
+    @staticmethod
+    def _check_factor_group(group: dict[str, Any]) -> None:
+        params = group["params"]
+        if len(params) % 2:
+            raise ValueError(
+                "A LoFT factor group must list factors in (loft_B, loft_A) pairs; got an odd number of parameters."
+            )
+        for b, a in zip(params[0::2], params[1::2]):
+            if b.dim() != 2 or a.dim() != 2 or b.shape[1] != a.shape[0]:
+                raise ValueError(
+                    "A LoFT factor group must list (loft_B, loft_A) pairs with loft_B of shape (out, r) and loft_A of "
+                    f"shape (r, in); got shapes {tuple(b.shape)} and {tuple(a.shape)}."
+                )
+
+    # ----------------------------------------------------------------------------------------------- pairs and phase
+    @staticmethod
+    def factor_pairs(group: dict[str, Any]) -> Iterator[tuple[Tensor, Tensor]]:
+        params = group["params"]
+        return zip(params[0::2], params[1::2])
+
+    def _moving(self, group: dict[str, Any], b_param: Tensor) -> tuple[bool, bool]:
+        """(B moves, A moves) at the next step of this pair."""
+        if not group.get("alternate", True):
+            return True, True
+        state = self.state.get(b_param, {})
+        phase = int(state["moving"]) if "moving" in state else MOVE_B
+        return phase == MOVE_B, phase == MOVE_A
+
+    def moving_factor(self) -> str | None:
+        """Which factor the next ``step()`` moves: ``"B"``, ``"A"``, ``"both"``, or ``None`` without factor pairs."""
+        for group in self.param_groups:
+            if group["loft"] and group["params"]:
+                b_param = group["params"][0]
+                move_b, move_a = self._moving(group, b_param)
+                return "both" if (move_b and move_a) else ("B" if move_b else "A")
+        return None
+
+    # -------------------------------------------------------------------------------------------- clipping (block 6)
+    @torch.no_grad()
+    def effective_grad_norm(self) -> Tensor:
+        """Global L2 norm of the effective gradients the next ``step()`` acts on (block 6).
+
+        For each factor pair, the effective full-space gradient of the factor that moves next (``g~_U V^T`` when B
+        moves, ``U g~_V^T`` when A moves, both when not alternating), in O((m + n) r^2) without an m x n matrix; for
+        every other trainable parameter, its plain gradient. Returns an fp32 (fp64 for fp64 models) 0-dim tensor.
+        """
+        total: Tensor | None = None
+        for group in self.param_groups:
+            if group["loft"]:
+                for b_param, a_param in self.factor_pairs(group):
+                    if b_param.grad is None and a_param.grad is None:
+                        continue
+                    dtype = maths_dtype(b_param)
+                    u = b_param.detach().to(dtype)
+                    v = a_param.detach().T.to(dtype)
+                    move_b, move_a = self._moving(group, b_param)
+                    if move_b and b_param.grad is not None:
+                        sq = maths.effective_grad_sq_norm(b_param.grad.to(dtype), maths.gram_pinv(v))
+                        total = sq if total is None else total + sq.to(total.dtype)
+                    if move_a and a_param.grad is not None:
+                        sq = maths.effective_grad_sq_norm(a_param.grad.T.to(dtype), maths.gram_pinv(u))
+                        total = sq if total is None else total + sq.to(total.dtype)
+            else:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        sq = p.grad.detach().to(maths_dtype(p)).square().sum()
+                        total = sq if total is None else total + sq.to(total.dtype)
+        if total is None:
+            return torch.zeros(())
+        return total.sqrt()
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> Tensor:
+        """Clip by the effective-gradient norm (block 6); returns the norm before clipping.
+
+        Every gradient the optimizer holds (both factors, because both factors' moments accumulate every step, and all
+        plain parameters) is multiplied by ``min(1, max_norm / (norm + 1e-6))``, as ``torch.nn.utils.clip_grad_norm_``
+        does. Scaling factor gradients scales their scaled and effective gradients by the same number, so after the
+        call the effective norm is at most ``max_norm``. ``max_norm <= 0`` or ``None`` computes the norm only.
+        """
+        norm = self.effective_grad_norm()
+        if max_norm is None or max_norm <= 0 or not math.isfinite(float(norm)):
+            return norm
+        coef = float(max_norm) / (float(norm) + 1e-6)
+        if coef < 1.0:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.mul_(coef)
+        return norm
+
+    # ------------------------------------------------------------------------------------------------------ stepping
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["loft"]:
+                for b_param, a_param in self.factor_pairs(group):
+                    if b_param.grad is None and a_param.grad is None:
+                        continue
+                    self._step_pair(group, b_param, a_param)
+            else:
+                self._step_plain_group(group)
+        return loss
+
+    def _step_pair(self, group: dict[str, Any], b_param: Tensor, a_param: Tensor) -> None:
+        raise NotImplementedError
+
+    def _plain_hyperparameters(self, group: dict[str, Any]) -> tuple[float, tuple[float, float], float, float]:
+        return group["lr"], group["betas"], group["eps"], group["weight_decay"]
+
+    def _step_plain_group(self, group: dict[str, Any]) -> None:
+        """AdamW exactly as ``torch.optim.AdamW`` (decoupled decay, eps outside the root), with fp32 state."""
+        lr, (beta1, beta2), eps, weight_decay = self._plain_hyperparameters(group)
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise TypeError("LoFT optimizers do not support sparse gradients.")
+            dtype = maths_dtype(p)
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            state["step"] += 1
+            step = float(state["step"])
+            grad = p.grad.to(dtype)
+            value = p.detach().to(dtype, copy=True) if p.dtype != dtype else p.data
+            if weight_decay != 0.0:
+                value.mul_(1.0 - lr * weight_decay)
+            state["exp_avg"].lerp_(grad, 1.0 - beta1)
+            state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+            bias_correction1 = 1.0 - beta1**step
+            bias_correction2 = 1.0 - beta2**step
+            denom = (state["exp_avg_sq"].sqrt() / math.sqrt(bias_correction2)).add_(eps)
+            value.addcdiv_(state["exp_avg"], denom, value=-lr / bias_correction1)
+            if value is not p.data:
+                p.data.copy_(value)
+
+    # ---------------------------------------------------------------------------------------------------- checkpoint
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load state, keeping every state tensor's saved dtype.
+
+        ``torch.optim.Optimizer.load_state_dict`` casts floating state to the parameter's dtype; for bf16 factors
+        that would round the fp32 moments and cross terms on every resume. The saved tensors are put back as saved.
+        """
+        saved = {index: dict(values) for index, values in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, values in saved.items():
+            param = params[int(index)]
+            for key, value in values.items():
+                if torch.is_tensor(value):
+                    device = value.device if key == "step" else param.device
+                    self.state[param][key] = value.to(device=device, dtype=value.dtype, copy=True)

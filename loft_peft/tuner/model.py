@@ -1,0 +1,113 @@
+"""`LoftModel` (finds and replaces target layers) and the registration of the ``LOFT`` PEFT type."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils.peft_types import PeftType
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import DEFAULT_TARGET_MODULES, LoftConfig
+from .layer import Linear, LoftLayer
+
+PEFT_TYPE_NAME = "LOFT"
+SUPPORTED_LAYERS = "torch.nn.Linear, transformers' Conv1D and bitsandbytes' Linear4bit"
+
+
+class LoftModel(BaseTuner):
+    """Wraps the target layers of a model with LoFT layers; created by ``get_peft_model(model, LoftConfig(...))``.
+
+    Merging, unloading, adapter switching, ``disable_adapter`` and saving come from PEFT's ``BaseTuner``.
+    """
+
+    prefix: str = "loft_"
+    tuner_layer_cls = LoftLayer
+    target_module_mapping = DEFAULT_TARGET_MODULES
+
+    def _prepare_adapter_config(self, peft_config: LoftConfig, model_config: dict) -> LoftConfig:
+        if peft_config.target_modules is None:
+            model_type = model_config.get("model_type")
+            if model_type not in DEFAULT_TARGET_MODULES:
+                raise ValueError(
+                    f"No default LoFT target modules for model_type {model_type!r}; pass target_modules=[...] "
+                    f"(known defaults: {sorted(DEFAULT_TARGET_MODULES)})."
+                )
+            default = DEFAULT_TARGET_MODULES[model_type]
+            peft_config.target_modules = default if isinstance(default, str) else set(default)
+        return peft_config
+
+    def _create_and_replace(
+        self,
+        loft_config: LoftConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        if current_key is None:
+            raise ValueError("LoftModel._create_and_replace needs the target's key.")
+        kwargs = dict(r=loft_config.r, loft_dropout=loft_config.loft_dropout, init_weights=loft_config.init_weights)
+        if isinstance(target, LoftLayer):
+            target.update_layer(adapter_name, **kwargs)
+            return
+        new_module = self._create_new_module(target, adapter_name, current_key, **kwargs)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added, inactive adapter does not train until set_adapter
+        self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _create_new_module(target: nn.Module, adapter_name: str, key: str, **kwargs: Any) -> nn.Module:
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        from .bnb import is_linear4bit, make_linear4bit
+
+        if is_linear4bit(base):
+            return make_linear4bit(target, adapter_name, **kwargs)
+        if isinstance(base, (nn.Linear, Conv1D)):
+            return Linear(target, adapter_name, **kwargs)
+        raise TypeError(
+            f"Target module {key!r} is a {type(base).__module__}.{type(base).__name__}, which LoFT does not support; "
+            f"LoFT wraps {SUPPORTED_LAYERS}. Remove it from target_modules (or add it to exclude_modules)."
+        )
+
+
+def _extend_peft_type() -> Any:
+    """Add ``LOFT`` to PEFT's ``PeftType`` enum, which is closed.
+
+    PEFT validates names against ``PeftType`` in ``register_peft_method`` and converts saved ``"peft_type"`` strings
+    through it, so a new method needs a real member. The member is inserted the way ``Enum`` builds its own: a ``str``
+    instance of the class with ``_name_``/``_value_`` set, listed in ``_member_map_``, ``_value2member_map_`` and
+    ``_member_names_``. If a future PEFT ships ``LOFT`` itself, that member is used unchanged.
+    """
+    if PEFT_TYPE_NAME in PeftType.__members__:
+        return PeftType[PEFT_TYPE_NAME]
+    member = str.__new__(PeftType, PEFT_TYPE_NAME)
+    member._name_ = PEFT_TYPE_NAME
+    member._value_ = PEFT_TYPE_NAME
+    member.__objclass__ = PeftType
+    member.__init__(PEFT_TYPE_NAME)
+    if hasattr(member, "_sort_order_"):
+        member._sort_order_ = len(PeftType._member_names_)
+    PeftType._member_names_.append(PEFT_TYPE_NAME)
+    PeftType._member_map_[PEFT_TYPE_NAME] = member
+    PeftType._value2member_map_[PEFT_TYPE_NAME] = member
+    # Python >= 3.12 looks members up as class attributes; 3.10/3.11 go through `_member_map_` but accept both.
+    type.__setattr__(PeftType, PEFT_TYPE_NAME, member)
+    return member
+
+
+def register_loft() -> None:
+    """Make ``LOFT`` a PEFT method: config, tuner and the ``loft_`` prefix. Safe to call more than once."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    from peft.utils import register_peft_method
+
+    peft_type = _extend_peft_type()
+    if PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) is LoftConfig:
+        return
+    register_peft_method(name=PEFT_TYPE_NAME.lower(), config_cls=LoftConfig, model_cls=LoftModel, prefix="loft_")
+
+
+__all__ = ["LoftModel", "register_loft", "PEFT_TYPE_NAME"]
