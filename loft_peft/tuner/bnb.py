@@ -1,9 +1,38 @@
 """LoFT on bitsandbytes 4-bit layers (QLoFT). bitsandbytes is imported only when a model already uses it.
 
-The base ``Linear4bit`` stays frozen in NF4/FP4; ``loft_A`` and ``loft_B`` train in the compute dtype (or fp32).
-Merging dequantizes the base weight, adds ``B @ A`` and quantizes again, so a merged 4-bit model differs from the
-adapted one by the 4-bit rounding of ``W0 + B A`` (about one quantization step, not more); ``unload`` returns the
-untouched 4-bit base.
+The base ``Linear4bit`` stays frozen in NF4 or FP4 (with or without double quantization); ``loft_A`` and ``loft_B``
+are ordinary float parameters beside it, so the LoFT optimizers, effective-gradient clipping and the Trainer callback
+see the same factor pairs as on a float model.
+
+Merging into 4 bits
+-------------------
+A 4-bit weight is stored per block of ``blocksize`` (64) consecutive elements of the row-major weight: a scale
+``a_b``, the block's largest magnitude, and for each element the code value ``c`` (one of 16 numbers in [-1, 1]) nearest
+to ``w / a_b``; the layer computes with ``c * a_b``. With double quantization the scales are themselves stored in
+8 bits, in groups of 256 blocks, as ``mean(a) + 8-bit code * s_g`` with ``s_g = max |a_b - mean(a)|`` over the group.
+
+``merge`` dequantizes the base weight ``W0``, forms ``M = W0 + B A`` in fp32 and quantizes ``M`` again, so the merged
+layer computes with ``W' = deq(Q(M))`` where the adapted layer computed with ``M``. For every element
+(:func:`requantization_error_bound`)::
+
+    |W' - M| <= (d4 + 4u) a_b + (1 + 2u) e_b,       e_b = d8 s_g with double quantization, else 0
+
+* ``d4`` is half the widest gap between neighbouring 4-bit code values: 0.1519 for NF4 (between -1 and -0.6962),
+  0.1667 for FP4 (between 2/3 and 1);
+* ``d8 = 0.00703`` is the same for the 8-bit code of the scales (``e_b`` bounds the error of the stored scale);
+* ``u`` is the unit roundoff of the dtype the weight was quantized from (2^-8 for bf16, 2^-11 for fp16, 2^-24 for
+  fp32): ``M`` is rounded to it before quantization and dequantized values are returned in it;
+* ``a_b`` and ``s_g`` are those of ``M``.
+
+Without double quantization this is one 4-bit rounding step: at most 15.2% (NF4) or 16.7% (FP4) of the block's
+largest magnitude, the same error the base weight took when the model was loaded in 4 bits. Double quantization adds
+the error of the block's 8-bit scale, a fraction ``d8`` of the spread of scales around their mean in its group.
+
+What that costs in practice: an update ``B A`` much smaller than a 4-bit step rounds back to the base weight's own
+codes, so a merged 4-bit model keeps only the part of the update the 4-bit grid can express. For a model to deploy,
+merge into a float copy of the base instead (load it unquantized, ``PeftModel.from_pretrained`` the adapter, then
+``merge_and_unload``); ``unmerge`` requantizes again and so does not give the exact original base back, while
+``unload`` (without merging) returns the untouched 4-bit base layers.
 """
 
 from __future__ import annotations
@@ -18,6 +47,15 @@ from torch import nn
 
 from .layer import Linear
 
+# Half the widest gap between neighbouring code values of bitsandbytes' 4-bit types, and of the 8-bit "dynamic" code
+# that double quantization stores the scales in (whose most negative value is -0.99297, so -1 is off by the same).
+# Module constants rather than reads from bitsandbytes so the bound is stated, and checked by the tests, on its own.
+HALF_STEP_4BIT = {"nf4": 0.151904, "fp4": 1.0 / 6.0}
+HALF_STEP_8BIT_SCALES = 0.0070313
+NESTED_BLOCKSIZE = 256
+# Unit roundoff of the dtypes bitsandbytes quantizes from (round-to-nearest: half the spacing just above 1).
+_UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
 
 def is_linear4bit(module: nn.Module) -> bool:
     """True for a ``bitsandbytes.nn.Linear4bit``; never imports bitsandbytes when the model does not use it."""
@@ -25,54 +63,147 @@ def is_linear4bit(module: nn.Module) -> bool:
     return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
 
 
+def is_linear8bit(module: nn.Module) -> bool:
+    """True for a ``bitsandbytes.nn.Linear8bitLt``; never imports bitsandbytes when the model does not use it."""
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(module, bnb.nn.Linear8bitLt)
+
+
+def check_bnb_layer_supported(module: nn.Module, key: str) -> None:
+    """Refuse the bitsandbytes layers LoFT does not wrap, before they are mistaken for float layers.
+
+    ``Linear8bitLt`` subclasses ``nn.Linear``: wrapped as one, it would train, but merging would add a float update to
+    int8 storage. LoFT supports 4-bit (``Linear4bit``) quantization only.
+
+    Raises:
+        TypeError: ``module`` is an 8-bit bitsandbytes layer.
+    """
+    if is_linear8bit(module):
+        raise TypeError(
+            f"Target module {key!r} is a bitsandbytes 8-bit Linear8bitLt; LoFT supports 4-bit quantization only. Load "
+            "the model with BitsAndBytesConfig(load_in_4bit=True) (or loft_peft.load_qloft_model), or unquantized."
+        )
+
+
 def make_linear4bit(target: nn.Module, adapter_name: str, **kwargs: Any) -> nn.Module:
+    """The LoFT layer for a ``Linear4bit`` target (called by ``LoftModel`` when :func:`is_linear4bit` holds)."""
     return Linear4bit(target, adapter_name, **kwargs)
 
 
-def _requantize(weight: nn.Parameter, data: torch.Tensor) -> nn.Parameter:
+def requantization_error_bound(
+    weight: torch.Tensor,
+    *,
+    quant_type: str,
+    blocksize: int = 64,
+    double_quant: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Per-element bound on ``|deq(Q(weight)) - weight|`` for bitsandbytes 4-bit quantization (module docstring).
+
+    Args:
+        weight: the float weight about to be quantized (for a merge, ``W0 + B A``), shape (out, in).
+        quant_type: ``"nf4"`` or ``"fp4"``.
+        blocksize: elements per quantization block (the weight's ``quant_state.blocksize``).
+        double_quant: whether the block scales are stored in 8 bits (``quant_state.nested``).
+        dtype: the dtype the weight is quantized from and dequantized to (``quant_state.dtype``).
+
+    Returns:
+        An fp32 tensor of the weight's shape: ``(d4 + 4u) a_b + (1 + 2u) e_b`` for each element.
+
+    Raises:
+        ValueError: an unknown ``quant_type`` or ``dtype``, or a weight whose size is not a multiple of ``blocksize``.
+    """
+    if quant_type not in HALF_STEP_4BIT:
+        raise ValueError(f"quant_type must be one of {sorted(HALF_STEP_4BIT)}; got {quant_type!r}.")
+    if dtype not in _UNIT_ROUNDOFF:
+        raise ValueError(f"bitsandbytes quantizes from fp32, fp16 or bf16; got {dtype}.")
+    if weight.numel() % blocksize:
+        raise ValueError(f"A weight of {weight.numel()} elements does not split into blocks of {blocksize}.")
+    unit = _UNIT_ROUNDOFF[dtype]
+    scales = weight.detach().to(dtype).float().reshape(-1, blocksize).abs().amax(dim=1)
+    scale_error = torch.zeros_like(scales)
+    if double_quant:
+        deviation = (scales - scales.mean()).abs()
+        pad = (-deviation.numel()) % NESTED_BLOCKSIZE
+        spread = nn.functional.pad(deviation, (0, pad)).reshape(-1, NESTED_BLOCKSIZE).amax(dim=1)
+        scale_error = HALF_STEP_8BIT_SCALES * spread.repeat_interleave(NESTED_BLOCKSIZE)[: scales.numel()]
+    bound = (HALF_STEP_4BIT[quant_type] + 4 * unit) * scales + (1 + 2 * unit) * scale_error
+    return bound.repeat_interleave(blocksize).reshape(weight.shape)
+
+
+def dequantize_4bit_weight(layer: nn.Module) -> torch.Tensor:
+    """The float weight a ``Linear4bit`` computes with, as (out, in) in its quantization dtype.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a layer's codes for its inference kernel on the first ``eval()``
+    forward without gradients; the codes are put back in the standard layout first (as bitsandbytes does itself before
+    saving), since ``dequantize_4bit`` reads only that one.
+    """
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    weight = layer.weight
+    if getattr(weight.quant_state, "packing_format_for_cpu", False):
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+        layer.quant_state = weight.quant_state
+    return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+
+
+def _quantize_into(layer: nn.Module, value: torch.Tensor) -> None:
+    """Replace ``layer.weight`` by the 4-bit quantization of ``value`` with the layer's own format.
+
+    Block size, code type, double quantization, storage dtype and the dtype quantized from are kept, so the layer
+    (and a checkpoint saved from it) looks exactly as one loaded from a float model holding ``value``.
+    """
     import bitsandbytes as bnb
 
-    params = {k: v for k, v in weight.__dict__.items() if not k.startswith("_")}
-    params.pop("data", None)
-    params["requires_grad"] = False
-    if "bnb_quantized" in params:
-        params["bnb_quantized"] = False
-    return bnb.nn.Params4bit(data.to("cpu"), **params).to(weight.device)
+    old = layer.weight
+    layer.weight = bnb.nn.Params4bit(
+        value.to(old.quant_state.dtype).contiguous(),
+        requires_grad=False,
+        blocksize=old.blocksize,
+        compress_statistics=old.compress_statistics,
+        quant_type=old.quant_type,
+        quant_storage=old.quant_storage,
+        module=layer,
+    ).to(value.device)  # moving an unquantized Params4bit to a device is what quantizes it
 
 
 class Linear4bit(Linear):
-    """LoFT on ``bitsandbytes.nn.Linear4bit``: ``y = base_4bit(x) + dropout(x) @ A^T @ B^T``."""
+    """LoFT on ``bitsandbytes.nn.Linear4bit``: ``y = base_4bit(x) + dropout(x) @ loft_A^T @ loft_B^T``.
+
+    ``base_4bit`` computes ``x @ deq(W0)^T`` in the layer's compute dtype; the factors keep their own dtype (fp32 by
+    default; they are created before any cast) and the adapter's output is cast to the base output's dtype.
+    """
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        b_factor, a_factor = self.loft_B[adapter], self.loft_A[adapter]
-        return b_factor.float() @ a_factor.float()
-
-    def _dequantized(self) -> torch.Tensor:
-        from peft.utils.integrations import dequantize_bnb_weight
-
-        weight = self.get_base_layer().weight
-        return dequantize_bnb_weight(weight, state=weight.quant_state).float()
+        """``loft_B @ loft_A`` in fp32, (out, in): merging adds it to the dequantized weight before requantizing."""
+        return self.loft_B[adapter].float() @ self.loft_A[adapter].float()
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Dequantize, add ``B @ A``, requantize (error bound: module docstring)."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
+        base = self.get_base_layer()
         for adapter in adapter_names:
             if adapter not in self.loft_A:
                 continue
-            warnings.warn("Merging into a 4-bit layer re-quantizes W0 + B A: outputs change by the 4-bit rounding.")
-            merged = self._dequantized() + self.get_delta_weight(adapter)
+            warnings.warn(
+                "Merging LoFT into a 4-bit layer requantizes W0 + B A: each weight moves by up to one 4-bit step, "
+                "and updates smaller than that round away (see loft_peft.tuner.bnb)."
+            )
+            merged = dequantize_4bit_weight(base).float() + self.get_delta_weight(adapter).to(base.weight.device)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"NaNs or infs in the merged weights of adapter {adapter!r}; not merged.")
-            base = self.get_base_layer()
-            base.weight = _requantize(base.weight, merged.to(base.compute_dtype or torch.float32))
+            _quantize_into(base, merged)
             self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
+        """Subtract the merged ``B @ A`` again; this requantizes too, so the base is restored to within one step."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
+        base = self.get_base_layer()
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
             if adapter in self.loft_A:
-                base = self.get_base_layer()
-                restored = self._dequantized() - self.get_delta_weight(adapter)
-                base.weight = _requantize(base.weight, restored.to(base.compute_dtype or torch.float32))
+                restored = dequantize_4bit_weight(base).float() - self.get_delta_weight(adapter).to(base.weight.device)
+                _quantize_into(base, restored)

@@ -1,0 +1,191 @@
+"""LoFT-Muon (appendix D.1, Algorithm 5): Muon's orthogonalised momentum step on the LoFT factors, with LoRA's state."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import maths
+from .base import MOVE_A, MOVE_B, LoftOptimizerBase, check_common_hyperparameters, maths_dtype
+
+SCALES = ("none", "spectral", "rms")
+
+# Moonlight's constant (Liu et al., 2025, "Muon is scalable for LLM training"): AdamW's updates have an RMS of about
+# 0.2 in practice, and 0.2 * sqrt(max(m, n)) gives a dense orthogonalised (m, n) update that RMS.
+RMS_MATCH = 0.2
+
+
+def update_scale(out_features: int, in_features: int, scale: str) -> float:
+    """The factor by which the Newton-Schulz output of an (out, in) layer is multiplied before ``-lr``.
+
+    * ``"none"``: Algorithm 5 as printed; the full-space step is ``lr`` times a matrix whose singular values lie in
+      about [0.7, 1.2].
+    * ``"spectral"``: ``sqrt(max(1, out / in))``, the scale of Keller Jordan's Muon, so Muon's learning rates (about
+      0.02) carry over. It equals ``"none"`` for square and wide layers.
+    * ``"rms"``: ``0.2 * sqrt(max(out, in))``, Moonlight's scale, under which a dense orthogonalised update has AdamW's
+      typical RMS, so AdamW's learning rates carry over. LoFT-Muon's step has r singular values where dense Muon's has
+      min(out, in), so each direction moves exactly as far as dense Muon's at the same rate.
+
+    The scale depends on the layer's shape only, never on the factors: it multiplies a matrix whose singular values the
+    Newton-Schulz iteration has already bounded, so a nearly rank-deficient factor cannot enlarge the step.
+    """
+    if scale == "none":
+        return 1.0
+    if scale == "spectral":
+        return math.sqrt(max(1.0, out_features / in_features))
+    if scale == "rms":
+        return RMS_MATCH * math.sqrt(max(out_features, in_features))
+    raise ValueError(f"Unknown LoFT-Muon scale {scale!r}; choose one of {SCALES}.")
+
+
+class LoftMuon(LoftOptimizerBase):
+    """LoFT-Muon: alternating, scaled, calibrated Muon on ``(loft_B, loft_A)`` pairs; AdamW on everything else.
+
+    For each layer, with ``U = loft_B`` (m, r) and ``V = loft_A^T`` (n, r), one step
+
+    1. scales both factor gradients by the other factor's inverse Gram matrix (block 2, eq. 5);
+    2. carries both momenta into the current subspaces and adds the scaled gradients,
+       ``m^U <- mu m^U C^V + g~_U`` (block 3; Algorithm 5, lines 13-14);
+    3. moves one factor (block 1; B first, as it starts at zero) by the low-rank Newton-Schulz orthogonalisation of the
+       full-space momentum ``m~ = m^U V^T`` (Algorithm 4; :func:`~loft_peft.optim.maths.projected_muon_direction`),
+       after decoupled weight decay: ``U <- (1 - lr wd) U - lr * scale * D_U`` with ``D_U V^T = NewtonSchulz5(m~)``.
+
+    Seen in the full space, each step changes ``W`` by ``-lr * scale`` times a matrix of rank at most r whose singular
+    values lie in about [0.7, 1.2], as Muon's step does (with min(m, n) of them). Algorithm 5 prints lines 17 and 21
+    without the learning rate; it belongs there, as in Algorithm 2.
+
+    The state per layer is the two momenta, (m + n) r numbers, as for LoRA trained with momentum, plus an r x r matrix
+    between steps (``x_prev^T x`` of the factor that just moved, the start of the next calibration matrix, eq. 7).
+    Use :meth:`clip_grad_norm_` before :meth:`step` for the paper's effective-gradient clipping (block 6).
+
+    Args:
+        params: a model holding LoFT layers (pairs are found through the layers' active adapters), or parameter groups
+            as built by :func:`loft_peft.loft_param_groups` (factor groups carry ``"loft": True``).
+        lr: learning rate of the factor pairs. What a good value is depends on ``scale``: about 0.02 for ``"none"``
+            and ``"spectral"`` (Muon's), the AdamW rate for ``"rms"``.
+        momentum: ``mu``.
+        nesterov: use ``g~ + mu m`` instead of ``m`` as the matrix to orthogonalise (Keller Jordan's Muon does;
+            Algorithm 5 does not).
+        ns_steps: Newton-Schulz iterations (Algorithm 3's coefficients 3.4445, -4.7750, 2.0315).
+        scale: ``"rms"``, ``"spectral"`` or ``"none"``; see :func:`update_scale`.
+        weight_decay: decoupled weight decay, for the factors and the AdamW parameters alike.
+        adamw_lr: learning rate of every parameter that is not a LoFT factor (biases, norms, heads, embeddings), which
+            get AdamW. ``None`` means ``lr``, which fits ``scale="rms"``; with Muon-sized rates pass an AdamW rate.
+            Stored as those groups' ``"lr"``, so learning-rate schedulers scale it along with ``lr``.
+        adamw_betas, adamw_eps: AdamW's ``betas`` and ``eps`` for those parameters.
+        alternate: move one factor per step (block 1). ``False`` moves both (the no-alternation ablation).
+        calibrate: carry the momenta across subspace changes (block 3). ``False`` is the no-calibration ablation.
+    """
+
+    def __init__(
+        self,
+        params: nn.Module | Iterable[Any],
+        lr: float = 2e-4,
+        momentum: float = 0.95,
+        nesterov: bool = False,
+        ns_steps: int = 5,
+        scale: str = "rms",
+        weight_decay: float = 0.0,
+        adamw_lr: float | None = None,
+        adamw_betas: tuple[float, float] = (0.9, 0.999),
+        adamw_eps: float = 1e-8,
+        alternate: bool = True,
+        calibrate: bool = True,
+    ):
+        adamw_lr = lr if adamw_lr is None else adamw_lr
+        check_common_hyperparameters(lr, adamw_betas, adamw_eps, weight_decay)
+        if not isinstance(adamw_lr, (int, float)) or adamw_lr < 0.0:
+            raise ValueError(f"Invalid adamw_lr: {adamw_lr!r}; it must be a number >= 0.")
+        if not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+            raise ValueError(f"Invalid momentum: {momentum!r}; it must lie in [0, 1).")
+        if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or ns_steps < 1:
+            raise ValueError(f"Invalid ns_steps: {ns_steps!r}; it must be an int >= 1.")
+        if scale not in SCALES:
+            raise ValueError(f"Unknown LoFT-Muon scale {scale!r}; choose one of {SCALES}.")
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            nesterov=bool(nesterov),
+            ns_steps=ns_steps,
+            scale=scale,
+            weight_decay=weight_decay,
+            adamw_betas=tuple(adamw_betas),
+            adamw_eps=adamw_eps,
+            alternate=bool(alternate),
+            calibrate=bool(calibrate),
+        )
+        super().__init__(_with_adamw_lr(params, adamw_lr), defaults)
+
+    def _plain_hyperparameters(self, group: dict[str, Any]) -> tuple[float, tuple[float, float], float, float]:
+        return group["lr"], group["adamw_betas"], group["adamw_eps"], group["weight_decay"]
+
+    def _step_pair(self, group: dict[str, Any], b_param: Tensor, a_param: Tensor) -> None:
+        mu, lr, weight_decay = group["momentum"], group["lr"], group["weight_decay"]
+        dtype = maths_dtype(b_param)
+        u = b_param.detach().to(dtype)  # (m, r)
+        v = a_param.detach().T.to(dtype)  # (n, r)
+        grad_u = b_param.grad.to(dtype) if b_param.grad is not None else torch.zeros_like(u)
+        grad_v = a_param.grad.T.to(dtype) if a_param.grad is not None else torch.zeros_like(v)
+
+        state_u, state_v = self.state[b_param], self.state[a_param]
+        if not state_u:
+            state_u["step"] = torch.tensor(0.0)
+            state_u["moving"] = torch.tensor(MOVE_B)
+            state_u["momentum_buffer"] = torch.zeros_like(u)
+            state_v["momentum_buffer"] = torch.zeros_like(v)
+
+        gram_pinv_u, gram_pinv_v = maths.gram_pinv(u), maths.gram_pinv(v)
+        scaled_u = maths.scaled_gradient(grad_u, gram_pinv_v)  # block 2
+        scaled_v = maths.scaled_gradient(grad_v, gram_pinv_u)
+
+        # Block 3: a factor that moved at the last step left ``x_prev^T x``; times ``(x^T x)^+`` it is eq. (7)'s C.
+        # A factor that did not move needs no calibration (C = I), and skipping it avoids the rounding of x x^+.
+        cross_u, cross_v = state_u.pop("moved_cross", None), state_v.pop("moved_cross", None)
+        calib_for_u = cross_v @ gram_pinv_v if group["calibrate"] and cross_v is not None else None
+        calib_for_v = cross_u @ gram_pinv_u if group["calibrate"] and cross_u is not None else None
+        state_u["momentum_buffer"] = maths.update_momentum(state_u["momentum_buffer"], calib_for_u, scaled_u, mu)
+        state_v["momentum_buffer"] = maths.update_momentum(state_v["momentum_buffer"], calib_for_v, scaled_v, mu)
+        state_u["step"] += 1
+        move_b, move_a = self._moving(group, b_param)
+
+        def direction(state: dict[str, Tensor], scaled: Tensor, other: Tensor) -> Tensor:
+            momentum = state["momentum_buffer"]
+            if group["nesterov"]:
+                momentum = torch.add(scaled, momentum, alpha=mu)
+            return maths.projected_muon_direction(momentum, other, steps=group["ns_steps"])
+
+        # Both directions are computed from the factors as they were at this step before either moves.
+        delta_u = direction(state_u, scaled_u, v) if move_b else None
+        delta_v = direction(state_v, scaled_v, u) if move_a else None
+        step_size = lr * update_scale(u.shape[0], v.shape[0], group["scale"])
+        decay = 1.0 - lr * weight_decay
+        # ``u`` and ``v`` may share storage with the parameters, so each cross term is formed before the copy, from the
+        # new factor as it will be stored (rounded to the parameter's dtype), which is what the next step reads.
+        if delta_u is not None:
+            new_b = (u * decay).sub_(delta_u, alpha=step_size).to(b_param.dtype)
+            if group["calibrate"]:
+                state_u["moved_cross"] = u.T @ new_b.to(dtype)
+            b_param.copy_(new_b)
+        if delta_v is not None:
+            new_a = (v * decay).sub_(delta_v, alpha=step_size).T.to(a_param.dtype)
+            if group["calibrate"]:
+                state_v["moved_cross"] = v.T @ new_a.T.to(dtype)
+            a_param.copy_(new_a)
+        if group["alternate"]:
+            state_u["moving"] = torch.tensor(MOVE_A if move_b else MOVE_B)
+
+
+def _with_adamw_lr(params: nn.Module | Iterable[Any], adamw_lr: float) -> list[dict[str, Any]] | Iterable[Any]:
+    """Give every plain group that sets no ``lr`` of its own the AdamW rate (factor groups keep the Muon default)."""
+    if isinstance(params, nn.Module):
+        from .factory import loft_param_groups
+
+        params = loft_param_groups(params)
+    groups = list(params)
+    if groups and not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    return [group if group.get("loft", False) or "lr" in group else {**group, "lr": adamw_lr} for group in groups]

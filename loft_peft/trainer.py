@@ -1,0 +1,224 @@
+"""Training a LoFT adapter with the ``transformers`` ``Trainer``: the callback, and an optional ``LoftTrainer``.
+
+The documented way::
+
+    trainer = Trainer(
+        model=peft_model,
+        args=TrainingArguments(..., max_grad_norm=1.0),
+        train_dataset=train_ds,
+        optimizers=(create_loft_optimizer(peft_model, lr=2e-4), None),
+        callbacks=[LoftCallback()],
+    )
+
+or, with the optimizer built inside the Trainer, ``optimizer_cls_and_kwargs=(LoftOptimizerFactory, {"lr": 2e-4})``
+in place of ``optimizers``. :class:`LoftTrainer` does both for you and also puts the LoFT fields in front of every
+reporting integration.
+
+What :class:`LoftCallback` changes in the Trainer's loop (transformers 5, read from ``Trainer._run_epoch``):
+
+* **Clipping.** ``max_grad_norm = X`` means the paper's effective-gradient clipping (block 6), once per optimizer step,
+  on the accumulated gradient. The Trainer clips right after the last micro-batch's backward, before any callback
+  runs, so the callback sets ``args.max_grad_norm`` to 0 from the start of each optimizer step until
+  ``on_pre_optimizer_step`` (where it puts ``X`` back): the Trainer then only measures the plain norm, through
+  ``accelerator.clip_grad_norm_(..., inf)``, which also unscales fp16 gradients, so the callback's clip in
+  ``on_pre_optimizer_step`` sees unscaled gradients. Outside that window (evaluation, checkpoints) ``args`` hold ``X``.
+* **Mixed precision.** With a GradScaler, an overflowing step is skipped by the scaler without calling the
+  optimizer's ``step()``; the alternation toggles and the state advances only inside ``step()``, so nothing moves.
+* **Logs.** Every training log's ``grad_norm`` is the effective norm (before clipping) of the last optimizer step, and
+  ``loft_moved_B`` / ``loft_moved_A`` give the share of optimizer steps since the previous log in which B / A moved
+  (with ``logging_steps=1``: 1 or 0, so TensorBoard draws the alternation as two interleaved square waves; a skipped
+  fp16 step counts for neither).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from .optim import create_loft_optimizer
+from .optim.base import LoftOptimizerBase
+
+# Keys added to the training logs.
+MOVED_B = "loft_moved_B"
+MOVED_A = "loft_moved_A"
+
+
+def unwrap_loft_optimizer(optimizer: Any) -> LoftOptimizerBase:
+    """The LoFT optimizer inside ``optimizer`` (which may be accelerate's ``AcceleratedOptimizer`` around it).
+
+    Raises:
+        TypeError: no LoFT optimizer is found, or it holds no LoFT factor pair.
+    """
+    inner = optimizer
+    while not isinstance(inner, LoftOptimizerBase) and hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    if not isinstance(inner, LoftOptimizerBase):
+        raise TypeError(
+            f"LoftCallback needs a LoFT optimizer, but the Trainer's optimizer is {type(inner).__name__}: pass "
+            "`optimizers=(create_loft_optimizer(model, lr=...), None)` or "
+            "`optimizer_cls_and_kwargs=(LoftOptimizerFactory, {'lr': ...})` to the Trainer, or use LoftTrainer."
+        )
+    if not any(group["loft"] and group["params"] for group in inner.param_groups):
+        raise TypeError(
+            "The LoFT optimizer holds no (loft_B, loft_A) pair, so it would train the factors as plain AdamW: build it "
+            "from the model (`create_loft_optimizer(model, ...)`, or `LoftOptimizerFactory` for "
+            "`optimizer_cls_and_kwargs`), not from the Trainer's name-based parameter groups."
+        )
+    return inner
+
+
+class LoftOptimizerFactory:
+    """For ``Trainer(optimizer_cls_and_kwargs=(LoftOptimizerFactory, {"lr": ...}))``.
+
+    The Trainer (transformers >= 5) instantiates a non-``Optimizer`` class and calls it with the model and the kwargs;
+    this passes them to :func:`~loft_peft.create_loft_optimizer`, which finds the factor pairs through the LoFT layers.
+    Passing ``LoftAdamW`` itself would not work: the Trainer would hand it name-based parameter groups without pairs.
+    """
+
+    def __call__(self, model: torch.nn.Module, **kwargs: Any) -> LoftOptimizerBase:
+        return create_loft_optimizer(model, **kwargs)
+
+
+class LoftCallback(TrainerCallback):
+    """Makes the ``Trainer`` clip and log a LoFT optimizer the way the paper defines it.
+
+    See the module docstring for what changes. Raises ``TypeError`` at the start of training if the Trainer's
+    optimizer is not a LoFT optimizer built from the model.
+    """
+
+    def __init__(self) -> None:
+        self._max_grad_norm: float = 0.0
+        self._suspended = False
+        self._pending: tuple[str | None, float] | None = None
+        self._reset_interval()
+
+    def _reset_interval(self) -> None:
+        self._steps = 0
+        self._moved_b = 0
+        self._moved_a = 0
+        self._last_norm: float | None = None
+
+    # ---------------------------------------------------------------------------------------- taking over clipping
+    def _suspend_trainer_clip(self, args) -> None:
+        if not self._suspended:
+            self._max_grad_norm = args.max_grad_norm
+            args.max_grad_norm = 0.0
+            self._suspended = True
+
+    def _restore_trainer_clip(self, args) -> None:
+        if self._suspended:
+            args.max_grad_norm = self._max_grad_norm
+            self._suspended = False
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        unwrap_loft_optimizer(optimizer)
+        self._pending = None
+        self._reset_interval()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._suspend_trainer_clip(args)
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        # Covers an optimizer step whose first micro-batch did not start with on_step_begin (a resume whose
+        # accumulation does not line up), so the Trainer never clips the plain gradient.
+        self._suspend_trainer_clip(args)
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self._restore_trainer_clip(args)
+        loft = unwrap_loft_optimizer(optimizer)
+        moving = loft.moving_factor()
+        norm = loft.clip_grad_norm_(args.max_grad_norm)
+        self._pending = (moving, float(norm))
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if self._pending is None:
+            return
+        moving, norm = self._pending
+        self._pending = None
+        self._steps += 1
+        self._last_norm = norm
+        # accelerate's wrapper knows whether its GradScaler skipped the step (fp16 overflow); then nothing moved.
+        if getattr(optimizer, "step_was_skipped", False):
+            return
+        self._moved_b += moving in ("B", "both")
+        self._moved_a += moving in ("A", "both")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._restore_trainer_clip(args)
+
+    # ---------------------------------------------------------------------------------------------------- logging
+    def log_fields(self) -> dict[str, float]:
+        """The fields for the next training log (effective ``grad_norm``, ``loft_moved_B/A``); starts a new interval.
+
+        Empty when no optimizer step ran since the previous log.
+        """
+        if not self._steps:
+            return {}
+        fields = {
+            "grad_norm": self._last_norm,
+            MOVED_B: self._moved_b / self._steps,
+            MOVED_A: self._moved_a / self._steps,
+        }
+        self._reset_interval()
+        return fields
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # A training log (not an evaluation or the final summary) carries the Trainer's plain grad_norm. LoftTrainer
+        # has already put the fields in (so reporting integrations saw them); with a plain Trainer they go in here,
+        # for the callbacks after this one and for state.log_history.
+        if logs is None or "grad_norm" not in logs or MOVED_B in logs:
+            return
+        fields = self.log_fields()
+        logs.update(fields)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            entry = state.log_history[-1]
+            if "grad_norm" in entry and MOVED_B not in entry:
+                entry.update(fields)
+
+
+class LoftTrainer(Trainer):
+    """A ``Trainer`` that builds the LoFT optimizer from its arguments and reports LoFT's fields everywhere.
+
+    Compared with ``Trainer(..., optimizers=(create_loft_optimizer(model, lr=...), None), callbacks=[LoftCallback()])``
+    it
+
+    * builds the optimizer inside the Trainer (after device placement), from ``args.learning_rate``,
+      ``args.adam_beta1/adam_beta2``, ``args.adam_epsilon`` and ``args.weight_decay``, plus ``loft_optimizer_kwargs``
+      (e.g. ``{"optimizer": "muon"}`` or ``{"variant": "simple"}``), instead of silently falling back to plain AdamW;
+    * adds a :class:`LoftCallback` unless one is given;
+    * writes the LoFT fields into each training log before any callback sees it, so reporting integrations
+      (TensorBoard, W&B, ...) that ``report_to`` places before user callbacks log the effective ``grad_norm`` and
+      ``loft_moved_B`` / ``loft_moved_A`` too.
+
+    Args:
+        *args, **kwargs: as for ``Trainer``.
+        loft_optimizer_kwargs: extra keyword arguments for :func:`~loft_peft.create_loft_optimizer`.
+    """
+
+    def __init__(self, *args: Any, loft_optimizer_kwargs: dict[str, Any] | None = None, **kwargs: Any):
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        if not any(isinstance(cb, LoftCallback) or cb is LoftCallback for cb in callbacks):
+            callbacks.append(LoftCallback())
+        self.loft_optimizer_kwargs = dict(loft_optimizer_kwargs or {})
+        super().__init__(*args, callbacks=callbacks, **kwargs)
+        self._loft_callback = next(cb for cb in self.callback_handler.callbacks if isinstance(cb, LoftCallback))
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and self.optimizer_cls_and_kwargs is None:
+            options = {
+                "lr": self.args.learning_rate,
+                "betas": (self.args.adam_beta1, self.args.adam_beta2),
+                "eps": self.args.adam_epsilon,
+                "weight_decay": self.args.weight_decay,
+                **self.loft_optimizer_kwargs,
+            }
+            self.optimizer = create_loft_optimizer(self.model if model is None else model, **options)
+            return self.optimizer
+        return super().create_optimizer(model)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "grad_norm" in logs:
+            logs.update(self._loft_callback.log_fields())
+        super().log(logs, start_time)
