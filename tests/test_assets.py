@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 
@@ -13,6 +14,11 @@ from loft_peft import assets
 # Reloading the converted fp32 folder takes about 1-2 s; the margin absorbs a busy machine.
 MAX_RELOAD_S = 10.0
 ENGLISH = "The capital of France is Paris, and the capital of Germany is Berlin."
+
+
+def _fill(folder: Path, marker: str = "{}") -> None:
+    for name in ("config.json", "model.safetensors", "tokenizer_config.json"):
+        (folder / name).write_text(marker)
 
 
 def test_cache_dir_honours_env(monkeypatch, tmp_path):
@@ -35,10 +41,76 @@ def test_empty_cache_env_falls_back_to_default(monkeypatch, tmp_path):
 def test_finished_conversion_is_reused_without_the_package(monkeypatch, tmp_path):
     target = tmp_path / "smollm2-135m-instruct-fp32"
     target.mkdir()
-    for name in ("config.json", "model.safetensors", "tokenizer_config.json"):
-        (target / name).write_text("{}")
+    _fill(target)
     monkeypatch.setattr(assets.importlib.util, "find_spec", lambda name: None)
     assert assets.smollm2_path(tmp_path) == target
+
+
+@pytest.fixture
+def fake_conversion(monkeypatch, tmp_path):
+    """Replace the 20-second GGUF conversion by one that writes placeholder files (or fails, or races)."""
+    behaviour = {"mode": "ok"}
+    target = tmp_path / "smollm2-135m-instruct-fp32"
+
+    def convert(gguf_file: Path, out_dir: Path) -> None:
+        if behaviour["mode"] == "race":
+            target.mkdir()
+            _fill(target, marker="winner")
+        (out_dir / "config.json").write_text("{}")
+        if behaviour["mode"] == "fail":
+            raise KeyboardInterrupt
+        _fill(out_dir)
+
+    monkeypatch.setattr(assets, "_smollm2_gguf", lambda: tmp_path / "model.gguf")
+    monkeypatch.setattr(assets, "_convert_smollm2", convert)
+    return behaviour
+
+
+def _leftovers(cache: Path) -> list[Path]:
+    return [p for p in cache.iterdir() if p.name.startswith(".")]
+
+
+def test_conversion_is_published_complete(tmp_path, fake_conversion):
+    target = assets.smollm2_path(tmp_path)
+    assert target == tmp_path / "smollm2-135m-instruct-fp32"
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors", "tokenizer_config.json"]
+    assert not _leftovers(tmp_path)
+
+
+def test_interrupted_conversion_leaves_no_folder(tmp_path, fake_conversion):
+    fake_conversion["mode"] = "fail"
+    with pytest.raises(KeyboardInterrupt):
+        assets.smollm2_path(tmp_path)
+    assert not (tmp_path / "smollm2-135m-instruct-fp32").exists()
+    assert not _leftovers(tmp_path)
+
+
+def test_incomplete_folder_is_rebuilt(tmp_path, fake_conversion):
+    damaged = tmp_path / "smollm2-135m-instruct-fp32"
+    damaged.mkdir()
+    (damaged / "config.json").write_text("{}")
+    assert assets.smollm2_path(tmp_path) == damaged
+    assert (damaged / "model.safetensors").is_file()
+    assert not _leftovers(tmp_path)
+
+
+def test_losing_a_publish_race_keeps_the_winner(tmp_path, fake_conversion):
+    fake_conversion["mode"] = "race"
+    target = assets.smollm2_path(tmp_path)
+    assert (target / "config.json").read_text() == "winner"
+    assert not _leftovers(tmp_path)
+
+
+def test_stale_staging_folders_are_removed(tmp_path, fake_conversion):
+    stale = tmp_path / ".smollm2-135m-instruct-fp32.killed.tmp"
+    recent = tmp_path / ".smollm2-135m-instruct-fp32.running.tmp"
+    stale.mkdir()
+    recent.mkdir()
+    two_hours_ago = time.time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    assets.smollm2_path(tmp_path)
+    assert not stale.exists()
+    assert recent.exists()
 
 
 @pytest.mark.parametrize(
