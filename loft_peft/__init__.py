@@ -9,14 +9,22 @@ from .tuner import LoftConfig, LoftModel, register_loft
 register_loft()
 
 from .optim import LoftAdamW, create_loft_optimizer, loft_factor_pairs, loft_param_groups  # noqa: E402
+from .optim.muon import LoftMuon  # noqa: E402
+from .quantization import load_qloft_model  # noqa: E402
+from .trainer import LoftCallback, LoftOptimizerFactory, LoftTrainer  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LoftAdamW",
+    "LoftCallback",
     "LoftConfig",
     "LoftModel",
+    "LoftMuon",
+    "LoftOptimizerFactory",
+    "LoftTrainer",
     "create_loft_optimizer",
+    "load_qloft_model",
     "loft_factor_pairs",
     "loft_param_groups",
 ]

@@ -27,7 +27,10 @@ What :class:`LoftCallback` changes in the Trainer's loop (transformers 5, read f
 * **Logs.** Every training log's ``grad_norm`` is the effective norm (before clipping) of the last optimizer step, and
   ``loft_moved_B`` / ``loft_moved_A`` give the share of optimizer steps since the previous log in which B / A moved
   (with ``logging_steps=1``: 1 or 0, so TensorBoard draws the alternation as two interleaved square waves; a skipped
-  fp16 step counts for neither).
+  fp16 step counts for neither). A callback can only edit a log after the callbacks before it have seen it, and the
+  Trainer puts the reporting integrations of ``report_to`` before the user's callbacks: with a plain ``Trainer`` the
+  fields reach ``state.log_history`` and the callbacks after ``LoftCallback``, while TensorBoard and the like see them
+  with :class:`LoftTrainer`, which writes them into the log before any callback runs.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
+from .distributed import keep_trainable_parameters_replicated, prepare_distributed_training
 from .optim import create_loft_optimizer
 from .optim.base import LoftOptimizerBase
 
@@ -84,8 +88,10 @@ class LoftOptimizerFactory:
 class LoftCallback(TrainerCallback):
     """Makes the ``Trainer`` clip and log a LoFT optimizer the way the paper defines it.
 
-    See the module docstring for what changes. Raises ``TypeError`` at the start of training if the Trainer's
-    optimizer is not a LoFT optimizer built from the model.
+    See the module docstring for what changes. At the start of training it raises ``TypeError`` if the Trainer's
+    optimizer is not a LoFT optimizer built from the model, and runs
+    :func:`loft_peft.distributed.prepare_distributed_training` (``ValueError`` under DeepSpeed or FSDP1; gradient
+    averaging for the replicated factors under FSDP2).
     """
 
     def __init__(self) -> None:
@@ -112,8 +118,11 @@ class LoftCallback(TrainerCallback):
             args.max_grad_norm = self._max_grad_norm
             self._suspended = False
 
-    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
-        unwrap_loft_optimizer(optimizer)
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        # A previous train() that died inside a step left the Trainer's clip suspended: give args their value back.
+        self._restore_trainer_clip(args)
+        # Refuse engines that flatten or shard the factor pairs; under FSDP2, average the replicated factors' grads.
+        prepare_distributed_training(model, unwrap_loft_optimizer(optimizer))
         self._pending = None
         self._reset_interval()
 
@@ -188,6 +197,8 @@ class LoftTrainer(Trainer):
       ``args.adam_beta1/adam_beta2``, ``args.adam_epsilon`` and ``args.weight_decay``, plus ``loft_optimizer_kwargs``
       (e.g. ``{"optimizer": "muon"}`` or ``{"variant": "simple"}``), instead of silently falling back to plain AdamW;
     * adds a :class:`LoftCallback` unless one is given;
+    * under accelerate's FSDP2, keeps the LoFT factors out of the sharding when the config did not choose
+      (:func:`loft_peft.distributed.keep_trainable_parameters_replicated`);
     * writes the LoFT fields into each training log before any callback sees it, so reporting integrations
       (TensorBoard, W&B, ...) that ``report_to`` places before user callbacks log the effective ``grad_norm`` and
       ``loft_moved_B`` / ``loft_moved_A`` too.
@@ -204,6 +215,8 @@ class LoftTrainer(Trainer):
         self.loft_optimizer_kwargs = dict(loft_optimizer_kwargs or {})
         super().__init__(*args, callbacks=callbacks, **kwargs)
         self._loft_callback = next(cb for cb in self.callback_handler.callbacks if isinstance(cb, LoftCallback))
+        # Under FSDP2 the factors must stay out of the sharding; the model is prepared (sharded) in train().
+        keep_trainable_parameters_replicated()
 
     def create_optimizer(self, model=None):
         if self.optimizer is None and self.optimizer_cls_and_kwargs is None:

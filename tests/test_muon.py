@@ -16,9 +16,11 @@ from .conftest import tiny_llama
 
 # Shapes (k, l, r) of (momentum, other factor): the full-space matrix is (k, l); m < n, m > n, square, r = 1, r > l.
 SHAPES = [(24, 40, 4), (40, 24, 4), (16, 16, 16), (30, 7, 1), (9, 5, 6)]
-# Dense and low-rank Newton-Schulz round differently; five iterations of a cubic-in-X^2 polynomial on normalised input
-# amplify rounding by at most a few hundred, which sets these bounds well above each dtype's unit roundoff.
-NS_TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-4}
+# Relative Frobenius error against dense Newton-Schulz in float64. The orthonormal-core form is as accurate as dense
+# Newton-Schulz itself (fp32: at most 3e-6 seen on these shapes, about 25 unit roundoffs). The Gram-matrix form works
+# with squared condition numbers (up to about 35^2 for these random factors): up to 5e-5 seen in fp32.
+PROJECTED_TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5}
+GRAM_FORM_TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-4}
 
 
 def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -44,7 +46,7 @@ def test_lowrank_newton_schulz_equals_dense_newton_schulz(shape, dtype):
     expected = maths.newton_schulz(left.double() @ right.double().T)
     ortho, core, _ = maths.newton_schulz_lowrank(left, right)
     assert core.shape == (r, r) and ortho.shape == (k, r)
-    assert _relative(ortho.double() @ right.double().T, expected) < NS_TOLERANCE[dtype]
+    assert _relative(ortho.double() @ right.double().T, expected) < GRAM_FORM_TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -57,7 +59,7 @@ def test_projected_muon_direction_equals_dense_newton_schulz(shape, dtype):
     expected = maths.newton_schulz(momentum.double() @ y.double().T)
     direction = maths.projected_muon_direction(momentum, y)
     assert direction.shape == (k, r) and direction.dtype == dtype
-    assert _relative(direction.double() @ y.double().T, expected) < NS_TOLERANCE[dtype]
+    assert _relative(direction.double() @ y.double().T, expected) < PROJECTED_TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("condition", [1e2, 1e3, 3e3])
@@ -109,7 +111,7 @@ class MuonDefinitionOracle:
     def __init__(self, u, v, *, lr, momentum, nesterov, scale, weight_decay, alternate=True):
         self.u, self.v = u.clone(), v.clone()
         self.lr, self.mu, self.nesterov, self.weight_decay = lr, momentum, nesterov, weight_decay
-        self.scale = update_scale(u.shape[0], v.shape[0], scale)
+        self.scale = update_scale(u.shape[0], v.shape[0], u.shape[1], scale)
         self.alternate = alternate
         self.grads, self.us, self.vs = [], [], []
         self.move_u = True
@@ -127,7 +129,8 @@ class MuonDefinitionOracle:
                 projected = projected @ self._projector(v) if branch == "u" else self._projector(u) @ projected
             total += self.mu ** (k - 1 - i) * projected
         if self.nesterov:
-            current = self.grads[-1] @ self._projector(self.v) if branch == "u" else self._projector(self.u) @ self.grads[-1]
+            grad = self.grads[-1]
+            current = grad @ self._projector(self.v) if branch == "u" else self._projector(self.u) @ grad
             total = current + self.mu * total
         return total
 
@@ -211,11 +214,26 @@ def test_full_space_step_has_rank_r_and_a_flat_spectrum(scale):
         optimizer.step()
         optimizer.zero_grad()
         spectra.append(torch.linalg.svdvals((b_param @ a_param).detach() - before))
-    step = lr * update_scale(out_features, in_features, scale)
+    step = lr * update_scale(out_features, in_features, rank, scale)
     for values in spectra:
         assert float(values[rank:].max()) < 1e-10 * step, "the step has rank above r"
         top = values[:rank] / step
         assert 0.6 < float(top.min()) and float(top.max()) < 1.25, f"not flat: {top.tolist()}"
+
+
+@pytest.mark.parametrize("rank", [2, 6, 24])  # low rank, and full rank (r = min(out, in) = 24)
+def test_rms_scale_gives_the_step_adamws_rms_and_is_moonlights_at_full_rank(rank):
+    out_features, in_features, lr = 40, 24, 1e-2
+    model, layer = _single_layer(out_features, in_features, rank, seed=11)
+    b_param, a_param = layer.loft_B["default"], layer.loft_A["default"]
+    optimizer = create_loft_optimizer(model, optimizer="muon", lr=lr, scale="rms")
+    before = (b_param @ a_param).detach().clone()
+    model(torch.randn(64, in_features, dtype=torch.float64)).pow(2).sum().backward()
+    optimizer.step()
+    rms = float(((b_param @ a_param).detach() - before).pow(2).mean().sqrt())
+    assert 0.2 * 0.7 < rms / lr < 0.2 * 1.2, "Newton-Schulz leaves singular values in about [0.7, 1.2]"
+    if rank == min(out_features, in_features):
+        assert update_scale(out_features, in_features, rank, "rms") == pytest.approx(0.2 * math.sqrt(out_features))
 
 
 def test_state_per_layer_is_two_momenta_and_an_r_by_r_matrix():
@@ -373,7 +391,7 @@ def test_bad_options_raise_value_error(toy_model, options, message):
 
 def test_update_scale_rejects_an_unknown_scale():
     with pytest.raises(ValueError, match="scale"):
-        update_scale(4, 4, "max")
+        update_scale(4, 4, 2, "max")
 
 
 def test_unknown_muon_option_raises_type_error(toy_model):
@@ -391,36 +409,39 @@ def _token_batches(vocab_size, count, *, seed=0, batch=4, length=16):
 
 def test_training_a_tiny_llama_lowers_the_loss():
     model = get_peft_model(tiny_llama(), LoftConfig(r=4))
-    optimizer = create_loft_optimizer(model, optimizer="muon", lr=2e-2, scale="spectral")
-    batches = _token_batches(model.config.vocab_size, 40)
+    optimizer = create_loft_optimizer(model, optimizer="muon", lr=0.1, scale="none")
+    batches = _token_batches(model.config.vocab_size, 2)
     losses = []
-    for ids in batches:
+    for step in range(40):
+        ids = batches[step % 2]
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.clip_grad_norm_(1.0)
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(float(loss))
-    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert last < first - 0.5, f"loss {first:.3f} -> {last:.3f}"
+        losses.append(loss.item())
+    first, last = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
+    print(f"tiny llama: loss {first:.3f} -> {last:.3f}")
+    assert last < first - 0.2, f"loss {first:.3f} -> {last:.3f}"
 
 
+@pytest.mark.parametrize("condition", [1e3, 1e4])  # inside and beyond fp32's pseudo-inverse cut-off for r = 6
 @pytest.mark.parametrize("scale", ["none", "rms"])
-def test_training_stays_stable_when_a_factor_is_nearly_rank_deficient(scale):
-    """loft_A's rows are nearly dependent (condition number 2e3, Gram 4e6, inside fp32's pseudo-inverse cut-off).
+def test_training_stays_stable_when_a_factor_is_nearly_rank_deficient(scale, condition):
+    """loft_A's rows are nearly dependent, so scaled gradients and momenta grow like condition^2 along one direction.
 
-    Scaled gradients and momenta then grow like the condition number squared along the weak direction. Every step must
-    still change W by at most lr * scale * 1.25 in spectral norm, stay finite, and lower the loss.
+    Every step must still change W by at most 1.25 lr * scale in spectral norm (the Newton-Schulz bound), stay finite,
+    and the loss must fall steadily.
     """
     out_features, in_features, rank, lr = 48, 32, 6, 2e-3
     model, layer = _single_layer(out_features, in_features, rank, seed=8, dtype=torch.float32, init_weights=True)
     b_param, a_param = layer.loft_B["default"], layer.loft_A["default"]
     with torch.no_grad():
-        a_param.copy_(_conditioned(in_features, rank, 2e3, torch.float32, seed=9).T)
+        a_param.copy_(_conditioned(in_features, rank, condition, torch.float32, seed=9).T)
     w0 = layer.base_layer.weight.detach()
     target = w0 + _conditioned(out_features, in_features, 10.0, torch.float32, seed=10)
     optimizer = create_loft_optimizer(model, optimizer="muon", lr=lr, scale=scale)
-    bound = 1.25 * lr * update_scale(out_features, in_features, scale)
+    bound = 1.25 * lr * update_scale(out_features, in_features, rank, scale)
     losses = []
     for _ in range(30):
         before = (b_param @ a_param).detach().clone()
@@ -428,35 +449,41 @@ def test_training_stays_stable_when_a_factor_is_nearly_rank_deficient(scale):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(float(loss))
+        losses.append(loss.item())
         change = (b_param @ a_param).detach() - before
         assert torch.isfinite(change).all()
         assert float(torch.linalg.matrix_norm(change, ord=2)) <= bound
-    assert losses[-1] < losses[0]
+    print(scale, condition, losses[0], losses[-1])
+    assert all(later < earlier for earlier, later in zip(losses[::5], losses[5::5])), losses
 
 
-def test_transformers_trainer_trains_with_loft_muon(tmp_path):
-    from transformers import Trainer, TrainingArguments
+def test_loft_trainer_trains_with_loft_muon(tmp_path):
+    """The Trainer integration needs nothing Muon-specific: LoftTrainer builds LoftMuon, clips and logs alternation."""
+    from transformers import TrainingArguments
 
-    class Batches(torch.utils.data.Dataset):
-        def __init__(self, sequences):
-            self.sequences = sequences
+    from loft_peft.trainer import MOVED_A, MOVED_B, LoftTrainer, unwrap_loft_optimizer
+
+    class Sequences(torch.utils.data.Dataset):
+        def __init__(self, rows):
+            self.rows = rows
 
         def __len__(self):
-            return len(self.sequences)
+            return len(self.rows)
 
         def __getitem__(self, index):
-            return {"input_ids": self.sequences[index], "labels": self.sequences[index]}
+            return {"input_ids": self.rows[index], "labels": self.rows[index]}
 
     model = get_peft_model(tiny_llama(), LoftConfig(r=4))
-    sequences = [row for batch in _token_batches(model.config.vocab_size, 8) for row in batch]
-    optimizer = create_loft_optimizer(model, optimizer="muon", lr=2e-2, scale="spectral", adamw_lr=1e-3)
+    rows = [row for batch in _token_batches(model.config.vocab_size, 2) for row in batch]
     args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=16, logging_steps=4, report_to=[],
-        use_cpu=True, save_strategy="no", max_grad_norm=0.0,
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=8, logging_steps=1, report_to=[],
+        use_cpu=True, save_strategy="no", learning_rate=0.1, lr_scheduler_type="constant", max_grad_norm=1.0,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=Batches(sequences), optimizers=(optimizer, None))
+    muon = {"optimizer": "muon", "scale": "none"}
+    trainer = LoftTrainer(model=model, args=args, train_dataset=Sequences(rows), loft_optimizer_kwargs=muon)
     trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    assert losses[-1] < losses[0]
-    assert optimizer.moving_factor() == "B" and int(optimizer.state[optimizer.param_groups[0]["params"][0]]["step"]) == 16
+    assert isinstance(unwrap_loft_optimizer(trainer.optimizer), LoftMuon)
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry[MOVED_B] for entry in logs] == [1.0, 0.0] * 4 and [entry[MOVED_A] for entry in logs] == [0.0, 1.0] * 4
+    print("trainer losses", [round(entry["loss"], 3) for entry in logs])
+    assert (logs[-1]["loss"] + logs[-2]["loss"]) / 2 < (logs[0]["loss"] + logs[1]["loss"]) / 2 - 0.05

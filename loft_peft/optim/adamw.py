@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import maths
+from . import kernels, maths
 from .base import MOVE_A, MOVE_B, LoftOptimizerBase, check_common_hyperparameters, maths_dtype
 
 VARIANTS = ("full", "simple")
@@ -39,6 +39,10 @@ class LoftAdamW(LoftOptimizerBase):
             first moment, elementwise second moment of the scaled gradient, Adam step applied to the factor).
         alternate: move one factor per step (block 1). ``False`` moves both (the paper's no-alternation ablation).
         calibrate: carry moments across subspace changes (blocks 3-4). ``False`` is the no-calibration ablation.
+        foreach: step all same-shape pairs together through :mod:`loft_peft.optim.kernels` (the default), keeping
+            their state in stacked tensors of which ``optimizer.state`` holds views. ``False`` steps each pair
+            through the reference functions of :mod:`loft_peft.optim.maths`; both give the same results up to fp32
+            rounding, and their checkpoints are interchangeable.
     """
 
     def __init__(
@@ -51,6 +55,7 @@ class LoftAdamW(LoftOptimizerBase):
         variant: str = "full",
         alternate: bool = True,
         calibrate: bool = True,
+        foreach: bool = True,
     ):
         check_common_hyperparameters(lr, betas, eps, weight_decay)
         if variant not in VARIANTS:
@@ -63,6 +68,7 @@ class LoftAdamW(LoftOptimizerBase):
             variant=variant,
             alternate=bool(alternate),
             calibrate=bool(calibrate),
+            foreach=bool(foreach),
         )
         super().__init__(params, defaults)
 
@@ -155,3 +161,217 @@ class LoftAdamW(LoftOptimizerBase):
             a_param.copy_(((v * decay).sub_(delta_v, alpha=lr)).T)
         if group["alternate"]:
             state_u["moving"] = torch.tensor(MOVE_A if move_b else MOVE_B)
+
+    # ------------------------------------------------------------------------------------------ batched fast path
+    def _step_factor_group(self, group: dict[str, Any]) -> None:
+        if not group.get("foreach", True):
+            super()._step_factor_group(group)
+            return
+        for bucket in self.shape_buckets(group):
+            self._step_bucket(group, bucket)
+
+    def _step_bucket(self, group: dict[str, Any], bucket: list[tuple[Tensor, Tensor]]) -> None:
+        """Step the pairs of one shape bucket that have gradients, all at once when they share phase and step."""
+        active = [i for i, (b, a) in enumerate(bucket) if b.grad is not None or a.grad is not None]
+        if not active:
+            return
+        for i in active:
+            b_param, a_param = bucket[i]
+            if not self.state[b_param]:
+                dtype = maths_dtype(b_param)
+                u, v = b_param.detach().to(dtype), a_param.detach().T.to(dtype)
+                self._init_pair_state(group, b_param, a_param, u, v)
+        stacked = self._stacked_state(group, bucket)
+        phases, steps = stacked.tensors["u:moving"].tolist(), stacked.tensors["u:step"].tolist()
+        parts: dict[tuple[int, float], list[int]] = {}
+        for i in active:
+            position = stacked.position[i]
+            parts.setdefault((phases[position], steps[position]), []).append(position)
+        if len(parts) == 1 and len(active) == len(stacked.members):
+            (phase, step), _ = parts.popitem()
+            self._step_stacked(group, stacked, stacked.tensors, stacked.members, phase, step, whole=True)
+            return
+        # Pairs out of step with the rest (one had no gradient at some step): gather, step, scatter back.
+        stacked.gram_pinv = None
+        for (phase, step), positions in parts.items():
+            index = torch.tensor(positions, device=stacked.tensors["u:step"].device)
+            part = {key: value.index_select(0, index) for key, value in stacked.tensors.items()}
+            members = [stacked.members[p] for p in positions]
+            self._step_stacked(group, stacked, part, members, phase, step, whole=False)
+            for key, value in part.items():
+                stacked.tensors[key].index_copy_(0, index, value)
+
+    def _stacked_state(self, group: dict[str, Any], bucket: list[tuple[Tensor, Tensor]]) -> _StackedState:
+        """The bucket's stacked state, (re)built when ``optimizer.state`` no longer holds exactly its views."""
+        caches = self._caches().setdefault("stacked", {})
+        key = (id(group), tuple(id(b) for b, _ in bucket))
+        stacked = caches.get(key)
+        if stacked is None or not stacked.is_bound(self.state, bucket):
+            stacked = _StackedState(self.state, bucket, group["variant"])
+            caches[key] = stacked
+        return stacked
+
+    def _step_stacked(
+        self,
+        group: dict[str, Any],
+        stacked: _StackedState,
+        t: dict[str, Tensor],
+        members: list[tuple[Tensor, Tensor]],
+        phase: int,
+        step: float,
+        whole: bool,
+    ) -> None:
+        """One step of L pairs in the same phase and step, with state ``t`` stacked along dim 0 (updated in place).
+
+        The same blocks as :meth:`_step_pair`, each as one batched call; see there for the maths. ``whole`` says
+        that ``t`` is the bucket's own stacked state (not a gathered part of it), whose cached Gram pseudo-inverses
+        can then be used and renewed.
+        """
+        beta1, beta2 = group["betas"]
+        lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+        full = group["variant"] == "full"
+        dtype = t["u:exp_avg"].dtype
+        b_params, a_params = [b for b, _ in members], [a for _, a in members]
+        u = _stack([b.detach() for b in b_params], dtype)  # (L, m, r)
+        v = _stack([a.detach().T for a in a_params], dtype)  # (L, n, r)
+        grad_u = _stack([_grad_or_zeros(b) for b in b_params], dtype)
+        grad_v = _stack([_grad_or_zeros(a).T for a in a_params], dtype)
+
+        # Which factors changed since the last step (the one that moved); an unchanged factor needs no calibration
+        # and keeps its Gram pseudo-inverse from the last step.
+        same_u, same_u_mask = _compare(t["u:prev"], u)
+        same_v, same_v_mask = _compare(t["v:prev"], v)
+        cache = stacked.gram_pinv if whole else None
+        pinv_u = self._gram_pinv(b_params, u, cache["u"] if cache is not None and same_u else None)
+        pinv_v = self._gram_pinv(a_params, v, cache["v"] if cache is not None and same_v else None)
+        scaled_u = torch.bmm(grad_u, pinv_v)  # block 2
+        scaled_v = torch.bmm(grad_v, pinv_u)
+
+        calib_for_u = calib_for_v = None  # block 3
+        if group["calibrate"]:
+            if not same_v:
+                calib_for_u = _calibration(t["v:prev"], v, pinv_v, same_v_mask)
+            if not same_u:
+                calib_for_v = _calibration(t["u:prev"], u, pinv_u, same_u_mask)
+        for side, calib, scaled in (("u", calib_for_u, scaled_u), ("v", calib_for_v, scaled_v)):
+            exp_avg = t[side + ":exp_avg"]
+            carried = exp_avg if calib is None else torch.bmm(exp_avg, calib)
+            if beta1 == 0.0:
+                exp_avg.copy_(scaled)
+            else:
+                torch.lerp(scaled, carried, beta1, out=exp_avg)
+            if full:  # block 4
+                cross = t[side + ":cross_sq"]
+                carried = cross if calib is None else kernels.apply_congruence(cross, calib)
+                torch.lerp(kernels.packed_outer(scaled), carried, beta2, out=cross)
+            else:
+                t[side + ":exp_avg_sq"].mul_(beta2).addcmul_(scaled, scaled, value=1.0 - beta2)
+
+        t["u:step"].add_(1.0)
+        step += 1.0
+        bias_correction1 = 1.0 - beta1**step
+        bias_correction2 = 1.0 - beta2**step
+        move_b = not group["alternate"] or phase == MOVE_B
+        move_a = not group["alternate"] or phase == MOVE_A
+        if not same_u:
+            t["u:prev"].copy_(u)
+        if not same_v:
+            t["v:prev"].copy_(v)
+
+        options = dict(
+            lr=lr,
+            decay=1.0 - lr * weight_decay,
+            bias_correction1=bias_correction1,
+            bias_correction2=bias_correction2,
+            eps=eps,
+        )
+
+        def updated(side: str, x: Tensor, other: Tensor, other_pinv: Tensor) -> Tensor:
+            if full:  # block 5
+                floor = maths.second_moment_floor(beta1, beta2)
+                return kernels.projected_adam_update(
+                    x, t[side + ":exp_avg"], t[side + ":cross_sq"], other, other_pinv, floor=floor, **options
+                )
+            return kernels.simple_adam_update(x, t[side + ":exp_avg"], t[side + ":exp_avg_sq"], **options)
+
+        # Both new factors are computed from the factors as they were at this step before either moves.
+        new_u = updated("u", u, v, pinv_v) if move_b else None
+        new_v = updated("v", v, u, pinv_u) if move_a else None
+        if new_u is not None:
+            torch._foreach_copy_(b_params, list(new_u.unbind(0)))
+        if new_v is not None:
+            torch._foreach_copy_(a_params, [x.T for x in new_v.unbind(0)])
+        if group["alternate"]:
+            t["u:moving"].fill_(MOVE_A if move_b else MOVE_B)
+        if whole:
+            stacked.gram_pinv = {"u": pinv_u, "v": pinv_v}  # the pseudo-inverses of the factors now in "prev"
+
+    def _gram_pinv(self, params: list[Tensor], stacked: Tensor, cached: Tensor | None) -> Tensor:
+        if cached is not None:
+            return cached
+        from_norm = self.cached_gram_pinv(params, stacked)
+        return from_norm if from_norm is not None else kernels.gram_pinv(stacked)
+
+
+class _StackedState:
+    """The state of a bucket's pairs in stacked tensors, (L, ...) per key; ``optimizer.state`` holds views into them.
+
+    Keys are ``"u:<name>"`` for the state of ``loft_B`` (U) and ``"v:<name>"`` for that of ``loft_A`` (V), with the
+    names and per-pair shapes :meth:`LoftAdamW._init_pair_state` gives them, so a checkpoint is the same as the
+    reference path's. Only pairs that have state are members, in bucket order.
+    """
+
+    def __init__(self, state: dict, bucket: list[tuple[Tensor, Tensor]], variant: str):
+        second = "cross_sq" if variant == "full" else "exp_avg_sq"
+        names = {"u": ("exp_avg", second, "prev", "step", "moving"), "v": ("exp_avg", second, "prev")}
+        indices = [i for i, (b, _) in enumerate(bucket) if state.get(b)]
+        self.members = [bucket[i] for i in indices]
+        self.position = {i: position for position, i in enumerate(indices)}
+        self.tensors: dict[str, Tensor] = {}
+        self.bound: list[tuple[dict, str, Tensor]] = []
+        self.state_dicts: list[tuple[Tensor, dict]] = []
+        for side, side_names in names.items():
+            dicts = [state[b if side == "u" else a] for b, a in self.members]
+            self.state_dicts.extend(zip((b if side == "u" else a for b, a in self.members), dicts))
+            for name in side_names:
+                stacked = torch.stack([d[name] for d in dicts])
+                self.tensors[f"{side}:{name}"] = stacked
+                for d, view in zip(dicts, stacked.unbind(0)):
+                    d[name] = view
+                    self.bound.append((d, name, view))
+        # (y^T y)^+ of the factors now stored in "u:prev" / "v:prev", from the last step of the whole bucket.
+        self.gram_pinv: dict[str, Tensor] | None = None
+
+    def is_bound(self, state: dict, bucket: list[tuple[Tensor, Tensor]]) -> bool:
+        """Whether every member's state is still these views and no other pair of the bucket has gained state."""
+        if sum(1 for b, _ in bucket if state.get(b)) != len(self.members):
+            return False
+        return all(state.get(p) is d for p, d in self.state_dicts) and all(d.get(n) is v for d, n, v in self.bound)
+
+
+def _grad_or_zeros(param: Tensor) -> Tensor:
+    return param.grad if param.grad is not None else torch.zeros_like(param)
+
+
+def _stack(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
+    stacked = torch.stack(tensors)
+    return stacked if stacked.dtype == dtype else stacked.to(dtype)
+
+
+def _compare(prev: Tensor, current: Tensor) -> tuple[bool, Tensor | None]:
+    """(all layers unchanged, per-layer "unchanged" mask when only some are)."""
+    if torch.equal(prev, current):
+        return True, None
+    if prev.shape[0] == 1:
+        return False, None
+    same = (prev == current).flatten(1).all(1)
+    return False, (same if bool(same.any()) else None)
+
+
+def _calibration(prev: Tensor, current: Tensor, current_pinv: Tensor, same_mask: Tensor | None) -> Tensor:
+    """Eq. (7)'s ``C`` per layer, exactly the identity for layers whose factor did not change (as the reference)."""
+    calib = torch.bmm(torch.bmm(prev.transpose(1, 2), current), current_pinv)
+    if same_mask is not None:
+        eye = torch.eye(calib.shape[-1], dtype=calib.dtype, device=calib.device)
+        calib = torch.where(same_mask[:, None, None], eye, calib)
+    return calib

@@ -8,6 +8,10 @@ A LoFT optimizer has two kinds of parameter groups:
 
 The pairing is positional so that it survives ``state_dict()`` / ``load_state_dict()``, which identify parameters by
 their position in the groups.
+
+Pairs of the same shape are handled together: :meth:`LoftOptimizerBase.shape_buckets` groups them, and the
+effective-gradient norm of a bucket is one batched computation (:mod:`.kernels`). A subclass steps pairs one at a
+time through ``_step_pair``, or a whole group at once by overriding ``_step_factor_group``.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import maths
+from ..distributed import check_factor_layout
+from . import kernels, maths
 
 # Which factor takes the next step, as stored in the optimizer state (a tensor, so that it is checkpointed).
 MOVE_B = 0
@@ -59,6 +64,17 @@ class LoftOptimizerBase(torch.optim.Optimizer):
             if group["loft"]:
                 self._check_factor_group(group)
 
+    def _caches(self) -> dict[str, dict]:
+        """Per-step scratch that is not state: shape buckets, and Gram pseudo-inverses the norm computed for the step.
+
+        Kept outside ``self.state`` (never checkpointed) and created lazily, because ``torch.optim.Optimizer``
+        pickles and copies only ``defaults``, ``state`` and ``param_groups``.
+        """
+        caches = self.__dict__.get("_loft_caches")
+        if caches is None:
+            caches = self.__dict__["_loft_caches"] = {"buckets": {}, "gram_pinv": {}}
+        return caches
+
     @staticmethod
     def _check_factor_group(group: dict[str, Any]) -> None:
         params = group["params"]
@@ -78,6 +94,21 @@ class LoftOptimizerBase(torch.optim.Optimizer):
     def factor_pairs(group: dict[str, Any]) -> Iterator[tuple[Tensor, Tensor]]:
         params = group["params"]
         return zip(params[0::2], params[1::2])
+
+    def shape_buckets(self, group: dict[str, Any]) -> list[list[tuple[Tensor, Tensor]]]:
+        """The group's pairs split by (B shape, A shape, dtype, device), each bucket in group order."""
+        params = group["params"]
+        key = tuple(map(id, params))
+        cached = self._caches()["buckets"].get(id(group))
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        buckets: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
+        for b_param, a_param in self.factor_pairs(group):
+            shape_key = (tuple(b_param.shape), tuple(a_param.shape), b_param.dtype, a_param.dtype, b_param.device)
+            buckets.setdefault(shape_key, []).append((b_param, a_param))
+        result = list(buckets.values())
+        self._caches()["buckets"][id(group)] = (key, result)
+        return result
 
     def _moving(self, group: dict[str, Any], b_param: Tensor) -> tuple[bool, bool]:
         """(B moves, A moves) at the next step of this pair."""
@@ -105,9 +136,16 @@ class LoftOptimizerBase(torch.optim.Optimizer):
         moves, ``U g~_V^T`` when A moves, both when not alternating), in O((m + n) r^2) without an m x n matrix; for
         every other trainable parameter, its plain gradient. Returns an fp32 (fp64 for fp64 models) 0-dim tensor.
         """
+        check_factor_layout(self)
         total: Tensor | None = None
+        self._caches()["gram_pinv"].clear()
         for group in self.param_groups:
-            if group["loft"]:
+            if group["loft"] and group.get("foreach", True):
+                for bucket in self.shape_buckets(group):
+                    sq = self._bucket_effective_sq_norm(group, bucket)
+                    if sq is not None:
+                        total = sq if total is None else total + sq.to(total.dtype)
+            elif group["loft"]:
                 for b_param, a_param in self.factor_pairs(group):
                     if b_param.grad is None and a_param.grad is None:
                         continue
@@ -144,28 +182,84 @@ class LoftOptimizerBase(torch.optim.Optimizer):
             return norm
         coef = float(max_norm) / (float(norm) + 1e-6)
         if coef < 1.0:
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        p.grad.mul_(coef)
+            grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, coef)
         return norm
+
+    def _bucket_effective_sq_norm(self, group: dict[str, Any], bucket: list[tuple[Tensor, Tensor]]) -> Tensor | None:
+        """Block 6 for one shape bucket: the pairs moving the same factor next are done in one batched call.
+
+        The pseudo-inverse of each other factor's Gram matrix is kept (with the factors it came from) for the
+        ``step()`` that follows, which needs the same matrices and reuses them if the factors have not changed.
+        """
+        sides: dict[str, list[tuple[Tensor, Tensor]]] = {"B": [], "A": []}
+        for b_param, a_param in bucket:
+            if b_param.grad is None and a_param.grad is None:
+                continue
+            move_b, move_a = self._moving(group, b_param)
+            if move_b:
+                sides["B"].append((b_param, a_param))
+            if move_a:
+                sides["A"].append((b_param, a_param))
+        total: Tensor | None = None
+        dtype = maths_dtype(bucket[0][0])
+        for side, pairs in sides.items():
+            if not pairs:
+                continue
+            # The moving factor x with its gradient, and the other factor y whose Gram matrix scales it (U = B, V = A^T).
+            if side == "B":
+                grads = [_grad_or_zeros(b) for b, _ in pairs]
+                others = [a.detach().T for _, a in pairs]
+            else:
+                grads = [_grad_or_zeros(a).T for _, a in pairs]
+                others = [b.detach() for b, _ in pairs]
+            other = torch.stack(others)
+            other = other if other.dtype == dtype else other.to(dtype)
+            other_pinv = kernels.gram_pinv(other)
+            self._caches()["gram_pinv"][tuple(map(id, (a if side == "B" else b for b, a in pairs)))] = (
+                other,
+                other_pinv,
+            )
+            grad = torch.stack(grads)
+            sq = kernels.effective_grad_sq_norm(grad if grad.dtype == dtype else grad.to(dtype), other_pinv)
+            total = sq if total is None else total + sq
+        return total
+
+    def cached_gram_pinv(self, params: list[Tensor], stacked: Tensor) -> Tensor | None:
+        """The Gram pseudo-inverse :meth:`effective_grad_norm` computed for these factors, if they are unchanged.
+
+        Args:
+            params: the factor parameters, in the order ``stacked`` stacks them.
+            stacked: their current values as (L, rows, r) in the maths dtype (``loft_A`` transposed).
+        """
+        entry = self._caches()["gram_pinv"].get(tuple(map(id, params)))
+        if entry is None or entry[0].shape != stacked.shape or not torch.equal(entry[0], stacked):
+            return None
+        return entry[1]
 
     # ------------------------------------------------------------------------------------------------------ stepping
     @torch.no_grad()
     def step(self, closure=None):
+        check_factor_layout(self)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
             if group["loft"]:
-                for b_param, a_param in self.factor_pairs(group):
-                    if b_param.grad is None and a_param.grad is None:
-                        continue
-                    self._step_pair(group, b_param, a_param)
+                self._step_factor_group(group)
             else:
                 self._step_plain_group(group)
+        self._caches()["gram_pinv"].clear()
         return loss
+
+    def _step_factor_group(self, group: dict[str, Any]) -> None:
+        """Step every pair of a factor group that has a gradient, one pair at a time."""
+        for b_param, a_param in self.factor_pairs(group):
+            if b_param.grad is None and a_param.grad is None:
+                continue
+            self._step_pair(group, b_param, a_param)
 
     def _step_pair(self, group: dict[str, Any], b_param: Tensor, a_param: Tensor) -> None:
         raise NotImplementedError
@@ -210,6 +304,7 @@ class LoftOptimizerBase(torch.optim.Optimizer):
         that would round the fp32 moments and cross terms on every resume. The saved tensors are put back as saved.
         """
         saved = {index: dict(values) for index, values in state_dict["state"].items()}
+        self._caches()["gram_pinv"].clear()
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
         for index, values in saved.items():
@@ -218,3 +313,7 @@ class LoftOptimizerBase(torch.optim.Optimizer):
                 if torch.is_tensor(value):
                     device = value.device if key == "step" else param.device
                     self.state[param][key] = value.to(device=device, dtype=value.dtype, copy=True)
+
+
+def _grad_or_zeros(param: Tensor) -> Tensor:
+    return param.grad if param.grad is not None else torch.zeros_like(param)

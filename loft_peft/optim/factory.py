@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..distributed import check_distributed_setup
 from ..tuner.layer import LoftLayer
 
 
@@ -94,8 +95,10 @@ def create_loft_optimizer(
         A :class:`LoftAdamW` or :class:`LoftMuon`.
 
     Raises:
-        ValueError: an unknown optimizer or variant, a bad hyperparameter, or no LoFT layer in the model.
+        ValueError: an unknown optimizer or variant, a bad hyperparameter, no LoFT layer in the model, or a
+            distributed set-up that breaks the factor pairs (DeepSpeed, FSDP1).
     """
+    check_distributed_setup()
     if optimizer == "adamw":
         if muon_options:
             raise TypeError(f"Unexpected options for optimizer='adamw': {sorted(muon_options)}.")

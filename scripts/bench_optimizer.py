@@ -1,0 +1,210 @@
+"""Per-layer optimizer step time and memory: LoFT-AdamW (full, simple) against torch AdamW.
+
+For each layer shape (out x in) and rank r, one LoFT factor pair (B: out x r, A: r x in) and its gradients are stepped
+by
+
+* ``loft``: ``LoftAdamW`` (Algorithm 1, cross-term second moments);
+* ``loft-simple``: ``LoftAdamW(variant="simple")``;
+* ``adamw-factors``: ``torch.optim.AdamW`` on the two factors (what LoRA trains with);
+* ``adamw-full``: ``torch.optim.AdamW`` on a full out x in weight (full fine-tuning of the layer).
+
+Timing: every round times two consecutive steps of each method (for LoFT one moves B, the other A) in turn, in one
+process, rotating the order. A CPU's speed drifts (frequency, other processes), so ratios are taken within a round
+and the median over rounds is reported, next to each method's median time.
+
+Memory: ``state`` is the bytes of the optimizer state tensors per layer; ``bound`` is the issue's budget, LoRA's
+AdamW state plus (m+n) r (r+1)/2 floats of cross terms and (m+n) r floats of previous factors. ``scratch`` is the
+peak resident memory a step adds beyond parameters, gradients and state, measured in a fresh child process
+(``ru_maxrss``), and ``largest`` the largest single tensor allocated during a step (PyTorch profiler).
+
+Run with all cores (leave OMP_NUM_THREADS unset). Examples::
+
+    python scripts/bench_optimizer.py                                   # the full table, JSON in bench_optimizer.json
+    python scripts/bench_optimizer.py --shapes 1024x512 --ranks 8,16 --rounds 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from loft_peft.optim import kernels, maths  # noqa: E402
+from loft_peft.optim.adamw import LoftAdamW  # noqa: E402
+
+METHODS = ("loft", "loft-simple", "adamw-factors", "adamw-full")
+
+
+def make_layer(method: str, out_features: int, in_features: int, rank: int, seed: int = 0):
+    """Parameters with gradients and the optimizer for one method; B is non-zero, as after the first steps."""
+    generator = torch.Generator().manual_seed(seed)
+    if method == "adamw-full":
+        weight = nn.Parameter(torch.randn(out_features, in_features, generator=generator) * 0.02)
+        weight.grad = torch.randn(out_features, in_features, generator=generator)
+        return [weight], torch.optim.AdamW([weight], lr=1e-4)
+    b_param = nn.Parameter(torch.randn(out_features, rank, generator=generator) * 0.02)
+    a_param = nn.Parameter(torch.randn(rank, in_features, generator=generator) / in_features**0.5)
+    b_param.grad = torch.randn(out_features, rank, generator=generator)
+    a_param.grad = torch.randn(rank, in_features, generator=generator)
+    if method == "adamw-factors":
+        return [b_param, a_param], torch.optim.AdamW([b_param, a_param], lr=1e-4)
+    variant = "simple" if method == "loft-simple" else "full"
+    return [b_param, a_param], LoftAdamW([{"params": [b_param, a_param], "loft": True}], lr=1e-4, variant=variant)
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if v.dim() > 0)
+
+
+def budget_bytes(out_features: int, in_features: int, rank: int) -> int:
+    """The issue's bound: LoRA's AdamW state + (m+n) r(r+1)/2 cross terms + (m+n) r previous factors, fp32."""
+    rows = out_features + in_features
+    return 4 * (2 * rows * rank + rows * maths.packed_size(rank) + rows * rank)
+
+
+def largest_allocation(optimizer: torch.optim.Optimizer) -> int:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
+        optimizer.step()
+    return max((event.cpu_memory_usage for event in profile.events()), default=0)
+
+
+def peak_scratch(method: str, out_features: int, in_features: int, rank: int) -> int:
+    """Peak resident bytes a step adds beyond parameters, gradients and state, in a fresh process."""
+    command = [sys.executable, __file__, "--child-peak", f"{method}:{out_features}:{in_features}:{rank}"]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return int(json.loads(result.stdout.strip().splitlines()[-1])["scratch"])
+
+
+def _child_peak(spec: str) -> None:
+    """Resident memory a step adds beyond parameters, gradients and state: three steps from a fresh optimizer,
+    high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) minus the resident size before them and the
+    state they create."""
+    method, out_features, in_features, rank = spec.split(":")
+    params, optimizer = make_layer(method, int(out_features), int(in_features), int(rank))
+    baseline = _status_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    for _ in range(3):
+        optimizer.step()
+    peak = _status_bytes("VmHWM")
+    print(json.dumps({"scratch": max(0, peak - baseline - state_bytes(optimizer))}))
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def time_config(out_features: int, in_features: int, rank: int, rounds: int, budget_s: float) -> dict:
+    setups = {method: make_layer(method, out_features, in_features, rank) for method in METHODS}
+    for _, optimizer in setups.values():  # warm-up: state creation, oneDNN kernel generation, allocator growth
+        for _ in range(4):
+            optimizer.step()
+    times: dict[str, list[float]] = {method: [] for method in METHODS}
+    ratios: dict[str, list[float]] = {method: [] for method in METHODS}
+    started = time.perf_counter()
+    for round_index in range(rounds):
+        order = METHODS[round_index % len(METHODS) :] + METHODS[: round_index % len(METHODS)]
+        this_round = {}
+        for method in order:
+            optimizer = setups[method][1]
+            tic = time.perf_counter()
+            optimizer.step()
+            optimizer.step()
+            this_round[method] = (time.perf_counter() - tic) / 2
+        for method in METHODS:
+            times[method].append(this_round[method])
+            ratios[method].append(this_round[method] / this_round["adamw-full"])
+        if time.perf_counter() - started > budget_s and round_index >= 4:
+            break
+    record = {
+        "shape": [out_features, in_features],
+        "rank": rank,
+        "rounds": len(times["loft"]),
+        "median_ms": {m: 1e3 * statistics.median(t) for m, t in times.items()},
+        "min_ms": {m: 1e3 * min(t) for m, t in times.items()},
+        "ratio_to_adamw_full": {m: statistics.median(r) for m, r in ratios.items()},
+        "ratio_to_adamw_factors": {
+            m: statistics.median(a / b for a, b in zip(times[m], times["adamw-factors"])) for m in METHODS
+        },
+        "state_bytes": {m: state_bytes(setups[m][1]) for m in METHODS},
+        "budget_bytes": budget_bytes(out_features, in_features, rank),
+    }
+    return record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default="1024x512,4096x4096,4096x14336", help="comma-separated OUTxIN")
+    parser.add_argument("--ranks", default="1,4,8,16,32", help="comma-separated ranks")
+    parser.add_argument("--rounds", type=int, default=60, help="timing rounds per configuration (at most)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="time budget per configuration")
+    parser.add_argument("--no-memory", action="store_true", help="skip the child-process memory measurements")
+    parser.add_argument("--no-onednn", action="store_true", help="use torch.bmm for the large GEMMs")
+    parser.add_argument("--output", default="bench_optimizer.json", help="where to write the JSON results")
+    parser.add_argument("--child-peak", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_peak:
+        _child_peak(args.child_peak)
+        return
+    if args.no_onednn:
+        kernels.USE_ONEDNN = False
+    torch.manual_seed(0)
+    meta = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "onednn": kernels._use_onednn(torch.zeros(1)),
+        "load_average_start": os.getloadavg(),
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+    }
+    print(f"torch {meta['torch']}, {meta['threads']} threads, oneDNN GEMMs: {meta['onednn']}, "
+          f"load average {meta['load_average_start'][0]:.2f}")
+    header = (
+        f"{'shape':>11} {'r':>3} | {'LoFT':>8} {'simple':>8} {'AdamW(BA)':>9} {'AdamW(W)':>9} ms | "
+        f"{'LoFT/W':>6} {'simp/W':>6} {'LoFT/BA':>7} | {'state KB':>9} {'bound KB':>9} {'scratch MB':>10}"
+    )
+    print(header)
+    print("-" * len(header))
+    records = []
+    for shape in args.shapes.split(","):
+        out_features, in_features = (int(x) for x in shape.lower().split("x"))
+        for rank in (int(r) for r in args.ranks.split(",")):
+            record = time_config(out_features, in_features, rank, args.rounds, args.seconds)
+            if not args.no_memory:
+                record["scratch_bytes"] = {m: peak_scratch(m, out_features, in_features, rank) for m in METHODS}
+                _, optimizer = make_layer("loft", out_features, in_features, rank)
+                optimizer.step()
+                record["largest_allocation_bytes"] = largest_allocation(optimizer)
+            records.append(record)
+            t, q = record["median_ms"], record["ratio_to_adamw_full"]
+            scratch = record.get("scratch_bytes", {}).get("loft")
+            print(
+                f"{shape:>11} {rank:>3} | {t['loft']:8.3f} {t['loft-simple']:8.3f} {t['adamw-factors']:9.3f} "
+                f"{t['adamw-full']:9.3f}    | {q['loft']:6.2f} {q['loft-simple']:6.2f} "
+                f"{record['ratio_to_adamw_factors']['loft']:7.2f} | {record['state_bytes']['loft'] / 1024:9.1f} "
+                f"{record['budget_bytes'] / 1024:9.1f} {'' if scratch is None else f'{scratch / 2**20:10.1f}'}",
+                flush=True,
+            )
+    meta["load_average_end"] = os.getloadavg()
+    print(f"load average at the end: {meta['load_average_end'][0]:.2f}")
+    with open(args.output, "w") as handle:
+        json.dump({"meta": meta, "results": records}, handle, indent=1)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

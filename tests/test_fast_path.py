@@ -1,0 +1,333 @@
+"""The batched fast path (``LoftAdamW(foreach=True)``, :mod:`loft_peft.optim.kernels`) against the reference maths.
+
+The reference is ``LoftAdamW(foreach=False)``, which steps each pair through the functions of ``maths``. In float64
+the two agree to round-off on any data. In float32 they agree to 1e-5 where the sum that rebuilds the second moment,
+``v~ = p (y * y)`` (eq. 12), does not cancel: where ``m~ = m y^T`` is near zero that sum loses about half its digits
+in any implementation (``test_fp32_run_stays_close_to_float64_run`` measures it), and two implementations that add in
+a different order then disagree there. The fp32 runs therefore use gradients whose full-space part is a positive
+rank-one matrix lying in both factors' spans, plus noise, which keeps ``m~`` away from zero; the fp64 runs use plain
+random gradients.
+"""
+
+import contextlib
+
+import pytest
+import torch
+from torch import nn
+
+from loft_peft.optim import kernels, maths
+from loft_peft.optim.adamw import LoftAdamW
+
+# (out, in, r): r = 1, r > min(m, n) / 2, r = min(m, n), r > min(m, n) (a singular Gram matrix: the pseudo-inverse),
+# and three layers of one shape beside layers of other shapes, so the batched buckets hold more than one pair.
+SHAPES = [(64, 48, 1), (64, 48, 4), (48, 64, 8), (20, 12, 7), (12, 9, 9), (12, 9, 11), (33, 17, 16)]
+
+
+@contextlib.contextmanager
+def _gemm_backend(name):
+    """Use oneDNN's GEMMs (skipping where this PyTorch has none) or torch.bmm inside the block."""
+    saved = kernels.USE_ONEDNN
+    kernels.USE_ONEDNN = None if name == "onednn" else False
+    try:
+        if name == "onednn" and not kernels._onednn_available():
+            pytest.skip("this PyTorch build has no usable oneDNN")
+        yield
+    finally:
+        kernels.USE_ONEDNN = saved
+
+
+@pytest.fixture(params=["onednn", "bmm"])
+def gemm_backend(request):
+    with _gemm_backend(request.param):
+        yield request.param
+
+
+def _orthonormal_with(first: torch.Tensor, columns: int, generator: torch.Generator) -> torch.Tensor:
+    """A (len(first), columns) matrix with orthonormal columns, the first along ``first``."""
+    basis = torch.randn(first.shape[0], columns, generator=generator, dtype=first.dtype)
+    basis[:, 0] = first
+    q, r = torch.linalg.qr(basis)
+    return q * torch.sign(torch.diagonal(r))
+
+
+class _Problem:
+    """Several LoFT factor pairs with a full-space gradient per step, and two optimizers stepping clones of them."""
+
+    def __init__(self, shapes, *, dtype, structured, seed=0, scale=1.0, **options):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.shapes, self.dtype, self.structured = shapes, dtype, structured
+        self.params = {True: [], False: []}
+        self.directions = []
+        for out_features, in_features, rank in shapes:
+            a = torch.rand(out_features, generator=self.generator, dtype=dtype) + 1.0
+            b = torch.rand(in_features, generator=self.generator, dtype=dtype) + 1.0
+            if structured:  # factors whose spans hold the gradient's rank-one part (and are well conditioned)
+                u = _padded(_orthonormal_with(a, min(rank, out_features), self.generator), rank, self.generator) * scale
+                v = _padded(_orthonormal_with(b, min(rank, in_features), self.generator), rank, self.generator) * scale
+            else:
+                u = torch.randn(out_features, rank, generator=self.generator, dtype=dtype) / rank**0.5
+                v = torch.randn(in_features, rank, generator=self.generator, dtype=dtype) / rank**0.5
+            self.directions.append((a, b))
+            for foreach in (True, False):
+                self.params[foreach] += [nn.Parameter(u.clone()), nn.Parameter(v.T.contiguous().clone())]
+        self.optimizers = {
+            foreach: LoftAdamW([{"params": self.params[foreach], "loft": True}], foreach=foreach, **options)
+            for foreach in (True, False)
+        }
+
+    def gradients(self, skip=()):
+        """Set both copies' factor gradients from one full-space gradient per layer (``g_U = G V``, ``g_V = U^T G``)."""
+        for index, ((out_features, in_features, _), (a, b)) in enumerate(zip(self.shapes, self.directions)):
+            noise = torch.randn(out_features, in_features, generator=self.generator, dtype=self.dtype)
+            full = torch.outer(a, b) + 0.1 * noise if self.structured else noise
+            for foreach in (True, False):
+                b_param, a_param = self.params[foreach][2 * index : 2 * index + 2]
+                if index in skip:
+                    b_param.grad = a_param.grad = None
+                else:
+                    b_param.grad = full @ a_param.detach().T
+                    a_param.grad = b_param.detach().T @ full
+
+    def step(self, skip=()):
+        self.gradients(skip)
+        for optimizer in self.optimizers.values():
+            optimizer.step()
+
+    def worst_relative_difference(self):
+        return max(
+            float((fast.detach() - ref.detach()).abs().max() / ref.detach().abs().max())
+            for fast, ref in zip(self.params[True], self.params[False])
+        )
+
+
+def _padded(x, rank, generator):
+    if x.shape[1] == rank:
+        return x
+    extra = torch.randn(x.shape[0], rank - x.shape[1], generator=generator, dtype=x.dtype)
+    return torch.cat([x, extra], dim=1)
+
+
+OPTIONS = [
+    dict(),
+    dict(variant="simple"),
+    dict(weight_decay=0.1),
+    dict(alternate=False),
+    dict(calibrate=False),
+    dict(betas=(0.9, 0.5)),  # beta1^2 >= beta2: no second-moment floor, v~ clamped at 0
+]
+
+
+def _ids(options):
+    return ",".join(f"{k}={v}" for k, v in options.items()) or "default"
+
+
+@pytest.mark.parametrize(
+    "options, backend",
+    [(OPTIONS[0], "bmm")] + [(options, "onednn") for options in OPTIONS],
+    ids=lambda x: _ids(x) if isinstance(x, dict) else x,
+)
+def test_fast_path_equals_reference_in_fp32_over_many_steps_and_shapes(options, backend):
+    with _gemm_backend(backend):
+        problem = _Problem(SHAPES + SHAPES[1:2] * 2, dtype=torch.float32, structured=True, scale=3.0, lr=1e-3, **options)
+        start = [p.detach().clone() for p in problem.params[False]]
+        worst = 0.0
+        for _ in range(30):
+            problem.step()
+            worst = max(worst, problem.worst_relative_difference())
+    assert worst < 1e-5, f"fast path departs from the reference by {worst:.2e} (relative) in fp32"
+    moved = min(float((p - p0).norm() / p0.norm()) for p, p0 in zip(problem.params[False], start))
+    assert moved > 3e-3, "the comparison must cover a real trajectory"
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=_ids)
+def test_fast_path_equals_reference_in_fp64_on_random_gradients(options):
+    problem = _Problem(SHAPES + SHAPES[1:2] * 2, dtype=torch.float64, structured=False, lr=1e-2, **options)
+    for _ in range(20):
+        problem.step()
+    assert problem.worst_relative_difference() < 1e-10
+    fast_state, ref_state = (problem.optimizers[f].state_dict()["state"] for f in (True, False))
+    assert fast_state.keys() == ref_state.keys()
+    for index in ref_state:
+        assert fast_state[index].keys() == ref_state[index].keys()
+        for key, value in ref_state[index].items():
+            difference = float((fast_state[index][key] - value).abs().max())
+            assert difference <= 1e-9 * max(float(value.abs().max()), 1e-30), (index, key, difference)
+
+
+def test_pairs_that_miss_gradients_fall_out_of_step_and_still_match_the_reference():
+    """A pair without gradients is not stepped, so its phase and step count lag: the bucket is split and regathered."""
+    shapes = [(24, 16, 4)] * 4
+    problem = _Problem(shapes, dtype=torch.float64, structured=False, lr=1e-2)
+    skips = [(), (1,), (), (1, 2), (3,), (), (0, 1, 2, 3), ()] * 3
+    for skip in skips:
+        problem.step(skip)
+    assert problem.worst_relative_difference() < 1e-10
+    phases = {int(problem.optimizers[True].state[b]["moving"]) for b in problem.params[True][0::2]}
+    assert len(phases) == 2, "the test must leave the pairs in different phases"
+
+
+def test_pairs_gaining_state_late_join_the_stacked_state():
+    shapes = [(24, 16, 4)] * 3
+    problem = _Problem(shapes, dtype=torch.float64, structured=False, lr=1e-2)
+    for skip in [(1, 2), (2,), (), ()]:
+        problem.step(skip)
+    assert problem.worst_relative_difference() < 1e-10
+
+
+@pytest.mark.parametrize("direction", ["fast-to-reference", "reference-to-fast"])
+def test_checkpoints_are_interchangeable_between_fast_and_reference_paths(direction):
+    source = direction.startswith("fast")
+    problem = _Problem([(24, 16, 4)] * 2 + [(16, 24, 3)], dtype=torch.float64, structured=False, lr=1e-2)
+    for _ in range(5):
+        problem.step()
+    resumed = LoftAdamW(
+        [{"params": [nn.Parameter(p.detach().clone()) for p in problem.params[source]], "loft": True}], lr=1e-2
+    )
+    resumed.load_state_dict(problem.optimizers[source].state_dict())
+    resumed.param_groups[0]["foreach"] = not source
+    continued = resumed.param_groups[0]["params"]
+    for _ in range(6):
+        problem.gradients()
+        for original, twin in zip(problem.params[source], continued):
+            twin.grad = original.grad.clone()
+        problem.optimizers[source].step()
+        resumed.step()
+    worst = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(continued, problem.params[source]))
+    assert worst < 1e-10
+
+
+def test_effective_grad_norm_of_fast_path_equals_reference():
+    problem = _Problem(SHAPES + SHAPES[1:2] * 2, dtype=torch.float64, structured=False, lr=1e-2)
+    for _ in range(3):
+        problem.step()
+        problem.gradients()
+        norms = [problem.optimizers[foreach].effective_grad_norm() for foreach in (True, False)]
+        torch.testing.assert_close(norms[0], norms[1], rtol=1e-12, atol=0)
+
+
+def test_norm_before_step_leaves_the_step_bit_identical():
+    """The step reuses the Gram pseudo-inverses the norm computed; reused or recomputed, they are the same bits."""
+    runs = []
+    for with_norm in (True, False):
+        problem = _Problem([(24, 16, 4)] * 3, dtype=torch.float32, structured=True, lr=1e-3)
+        fast = problem.optimizers[True]
+        for _ in range(6):
+            problem.gradients()
+            if with_norm:
+                fast.effective_grad_norm()
+            fast.step()
+        runs.append([p.detach().clone() for p in problem.params[True]])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_state_tensors_are_views_of_the_stacked_state_and_survive_replacement():
+    problem = _Problem([(24, 16, 4)] * 2, dtype=torch.float64, structured=False, lr=1e-2)
+    problem.step()
+    fast = problem.optimizers[True]
+    b0, b1 = problem.params[True][0], problem.params[True][2]
+    assert fast.state[b0]["exp_avg"].data_ptr() != fast.state[b1]["exp_avg"].data_ptr()
+    assert fast.state[b0]["exp_avg"].untyped_storage().data_ptr() == fast.state[b1]["exp_avg"].untyped_storage().data_ptr()
+    # Replacing a state tensor by hand (as load_state_dict does) is noticed: the stacked state is rebuilt from it.
+    fast.state[b0]["exp_avg"] = fast.state[b0]["exp_avg"].clone()
+    problem.optimizers[False].state[problem.params[False][0]]["exp_avg"] = problem.optimizers[False].state[
+        problem.params[False][0]
+    ]["exp_avg"].clone()
+    for _ in range(3):
+        problem.step()
+    assert problem.worst_relative_difference() < 1e-10
+
+
+# ------------------------------------------------------------------------------------------------- kernel functions
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_spd_pinv_equals_gram_pinv_on_regular_and_singular_grams(dtype, tolerance):
+    generator = torch.Generator().manual_seed(0)
+    factors = [
+        torch.randn(40, 6, generator=generator, dtype=dtype),  # well conditioned: Cholesky
+        torch.zeros(40, 6, dtype=dtype),  # B at its zero initialisation: exactly zero
+        torch.randn(40, 3, generator=generator, dtype=dtype) @ torch.randn(3, 6, generator=generator, dtype=dtype),
+        torch.cat([torch.randn(4, 6, generator=generator, dtype=dtype), torch.zeros(36, 6, dtype=dtype)]),  # r > rows
+        torch.randn(40, 6, generator=generator, dtype=dtype) * torch.logspace(0, -5, 6, dtype=dtype),  # cond ~1e10
+    ]
+    fast = kernels.gram_pinv(torch.stack(factors))
+    for got, factor in zip(fast, factors):
+        expected = maths.gram_pinv(factor)
+        scale = float(expected.abs().max())
+        assert float((got - expected).abs().max()) <= tolerance * max(scale, 1e-30)
+    assert torch.equal(fast[1], torch.zeros_like(fast[1]))
+
+
+def test_packed_helpers_equal_the_reference_functions():
+    generator = torch.Generator().manual_seed(0)
+    for rank in (1, 2, 5):
+        calib = torch.randn(3, rank, rank, generator=generator, dtype=torch.float64)
+        y = torch.randn(3, 7, rank, generator=generator, dtype=torch.float64)
+        batched = kernels.packed_congruence(calib)
+        rows = kernels.packed_khatri_rao_rows(y, scale=3.0)
+        outer = kernels.packed_outer(y)
+        for i in range(3):
+            torch.testing.assert_close(batched[i], maths.packed_congruence(calib[i]), rtol=1e-13, atol=1e-13)
+            torch.testing.assert_close(rows[i], 3.0 * maths.packed_khatri_rao(y[i]).T, rtol=1e-13, atol=1e-13)
+            torch.testing.assert_close(outer[i], maths.packed_outer(y[i]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rank", [1, 3, kernels.UNPACKED_CONGRUENCE_RANK, 17])
+def test_apply_congruence_equals_packed_congruence_product(rank):
+    generator = torch.Generator().manual_seed(rank)
+    calib = torch.randn(2, rank, rank, generator=generator, dtype=torch.float64)
+    cross = torch.randn(2, 9, maths.packed_size(rank), generator=generator, dtype=torch.float64)
+    carried = kernels.apply_congruence(cross, calib)
+    for i in range(2):
+        torch.testing.assert_close(carried[i], cross[i] @ maths.packed_congruence(calib[i]), rtol=1e-12, atol=1e-12)
+
+
+def _direction_inputs(dtype, layers=3, rows=37, length=29, rank=5, seed=0):
+    """Moments of several positive gradients against a positive factor: ``m~`` and ``v~`` do not cancel."""
+    generator = torch.Generator().manual_seed(seed)
+    y = torch.rand(layers, length, rank, generator=generator, dtype=dtype) + 0.2
+    grads = torch.rand(4, layers, rows, rank, generator=generator, dtype=dtype)
+    exp_avg = grads.mean(0)
+    cross = kernels.packed_outer(grads).mean(0)
+    x = torch.randn(layers, rows, rank, generator=generator, dtype=dtype)
+    return x, exp_avg, cross, y
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("floor", [0.0, maths.second_moment_floor(0.9, 0.999)])
+@pytest.mark.parametrize("block_elements", [1, 100, kernels.DEFAULT_BLOCK_ELEMENTS])
+def test_projected_adam_update_equals_reference_direction(gemm_backend, dtype, tolerance, floor, block_elements):
+    x, exp_avg, cross, y = _direction_inputs(dtype)
+    pinv = torch.stack([maths.gram_pinv(layer) for layer in y])
+    options = dict(bias_correction1=0.271, bias_correction2=0.003, eps=1e-8)
+    new = kernels.projected_adam_update(
+        x, exp_avg, cross, y, pinv, lr=0.05, decay=0.99, floor=floor, block_elements=block_elements, **options
+    )
+    for i in range(x.shape[0]):
+        direction = maths.projected_adam_direction(exp_avg[i], cross[i], y[i], pinv[i], floor=floor, **options)
+        expected = 0.99 * x[i] - 0.05 * direction
+        assert float((new[i] - expected).abs().max() / expected.abs().max()) < tolerance
+
+
+def test_projected_adam_update_applies_the_floor_where_v_cancels():
+    """Where the rebuilt v~ is negative, the fast update uses the same Cauchy-Schwarz floor as the reference."""
+    x, exp_avg, cross, y = _direction_inputs(torch.float64, layers=1)
+    cross = torch.full_like(cross, -1e-12)
+    pinv = torch.stack([maths.gram_pinv(layer) for layer in y])
+    floor = maths.second_moment_floor(0.9, 0.999)
+    options = dict(bias_correction1=1.0, bias_correction2=1.0, eps=1e-8, floor=floor)
+    new = kernels.projected_adam_update(x, exp_avg, cross, y, pinv, lr=1.0, decay=1.0, **options)
+    expected = x[0] - maths.projected_adam_direction(exp_avg[0], cross[0], y[0], pinv[0], **options)
+    torch.testing.assert_close(new[0], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_projected_adam_update_allocates_no_temporary_larger_than_a_block():
+    """With a small block, no single allocation comes near the (k, l) size: the full update never exists whole."""
+    rows, length, rank = 512, 384, 4
+    x, exp_avg, cross, y = _direction_inputs(torch.float32, layers=1, rows=rows, length=length, rank=rank)
+    pinv = torch.stack([maths.gram_pinv(layer) for layer in y])
+    options = dict(bias_correction1=0.1, bias_correction2=0.01, eps=1e-8, floor=0.01, lr=1e-3, decay=1.0)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
+        kernels.projected_adam_update(x, exp_avg, cross, y, pinv, block_elements=8 * length, **options)
+    largest = max(event.cpu_memory_usage for event in profile.events())
+    block_bytes = 8 * length * 4
+    assert largest > 0, "the profiler must see the block allocations"
+    assert largest <= 2 * block_bytes < rows * length * 4 // 16
