@@ -83,7 +83,7 @@ def markdown_table(metrics: list[dict], command: str) -> str:
     lines = [
         "# Methods compared on the default run",
         "",
-        f"Model: {first['model'].split(' (offline')[0]}; data: {first['data']}; {first['steps']} optimizer steps; "
+        f"Model: {first['model']}; data: {first['data']}; {first['steps']} optimizer steps; "
         f"{first['train_examples']} training blocks available, {first['eval_examples']} held-out evaluation blocks; "
         f"device: {first['device']} ({first['torch_threads']} threads).",
         "",
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     curves = {
         (f"{m['method']} lr={m['lr']:g}" if several_lrs else m["method"]): m["log_history"] for m in metrics
     }
-    plot_loss_curves(curves, args.plot, title=f"{metrics[0]['model'].split(' (offline')[0]}, r={args.rank}, "
+    plot_loss_curves(curves, args.plot, title=f"{metrics[0]['model']}, r={args.rank}, "
                                               f"{metrics[0]['steps']} steps")
     print(Path(args.markdown).read_text())
     return 0
