@@ -383,7 +383,7 @@ def test_dequantize_reads_weights_repacked_for_the_cpu_kernel():
 
 
 def _packable_llama_dir(tmp_path):
-    """The tiny LLaMA widened to the shapes bitsandbytes' CPU inference kernel takes (in >= 64, out a multiple of 32)."""
+    """The tiny LLaMA widened to shapes bitsandbytes' CPU inference kernel takes (in >= 64, out a multiple of 32)."""
     from transformers import LlamaForCausalLM
 
     config = tiny_llama().config
@@ -535,3 +535,26 @@ def test_paper_qloft_recipe_config_loads_and_validates():
     assert config.rank == 16
     assert (config.max_steps, config.num_train_epochs) == (-1, 3)
     assert check_quantization(config.quantization) == "4bit"
+# To append to tests/test_qloft.py together with the model.py change (model.diff).
+
+
+def test_plain_route_refuses_an_8bit_model_instead_of_wrapping_it_as_float(llama_dir):
+    base = AutoModelForCausalLM.from_pretrained(
+        llama_dir, quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="cpu"
+    )
+    with pytest.raises(TypeError, match="4-bit quantization only"):
+        get_peft_model(base, LoftConfig(r=4))
+
+
+def test_plain_route_an_evaluation_leaves_every_4bit_layer_passing_gradients_as_before(tmp_path):
+    base = _load_4bit(_packable_llama_dir(tmp_path))
+    model = get_peft_model(base, LoftConfig(r=4, init_weights=False))
+    ids = _batch()
+    before = _factor_grads(model, ids)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    after = _factor_grads(model, ids)
+    assert after.keys() == before.keys()
+    for name in before:
+        assert torch.equal(after[name], before[name]), name

@@ -38,16 +38,16 @@ Without double quantization this is one 4-bit rounding step: at most 15.2% (NF4)
 largest magnitude, the same error the base weight took when the model was loaded in 4 bits. Double quantization adds
 the error of the block's 8-bit scale, a fraction ``d8`` of the spread of scales around their mean in its group.
 
-What that costs in practice: ``W0`` already lies on the 4-bit grid, so an element of ``B A`` smaller than half the
-gap to the next code rounds straight back to ``W0``, and a merged 4-bit model keeps only the part of the update that
+What that costs in practice: ``W0`` already lies on the 4-bit grid, so an element of ``B A`` smaller than half the gap
+to the next code rounds straight back to ``W0``, and a merged 4-bit model keeps only the part of the update that
 crosses a code boundary. Measured on SmolLM2-135M (NF4, double quantization, LoFT r=8 on Q, K, V, Up, Down after 20
 LoFT-AdamW steps at lr 1e-3, ``|B A|`` about 2.3% of ``|W0|`` per layer): the error stayed within the bound (largest
 error/bound 0.99), ``|W' - M|`` was 2.4% of ``|M|`` on average, and the merged weights kept 4.4% of ``B A`` (the
 projection of ``W' - W0`` onto ``B A``); held-out loss was 4.30 for the base, 4.85 adapted (the steps overfit 16
-training sequences) and 4.25 merged: the merged model is back near the base. For a model to deploy, merge into a float copy of the base instead (load it
-unquantized, ``PeftModel.from_pretrained`` the adapter, then ``merge_and_unload``). ``unmerge`` requantizes again and
-so gives the base back only to within one more step, while ``unload`` (without merging) returns the untouched 4-bit
-base layers.
+training sequences) and 4.25 merged: the merged model is back near the base. For a model to deploy, merge into a float
+copy of the base instead (load it unquantized, ``PeftModel.from_pretrained`` the adapter, then ``merge_and_unload``).
+``unmerge`` requantizes again and so gives the base back only to within one more step, while ``unload`` (without
+merging) returns the untouched 4-bit base layers.
 """
 
 from __future__ import annotations

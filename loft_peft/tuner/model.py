@@ -38,6 +38,12 @@ class LoftModel(BaseTuner):
             peft_config.target_modules = default if isinstance(default, str) else set(default)
         return peft_config
 
+    def _pre_injection_hook(self, model: nn.Module, config: LoftConfig, adapter_name: str) -> None:
+        # Every 4-bit layer, targeted or not, must keep passing gradients after an evaluation on the CPU (see bnb.py).
+        from .bnb import set_cpu_inference_layout
+
+        set_cpu_inference_layout(model, False)
+
     def _create_and_replace(
         self,
         loft_config: LoftConfig,
@@ -62,10 +68,11 @@ class LoftModel(BaseTuner):
     @staticmethod
     def _create_new_module(target: nn.Module, adapter_name: str, key: str, **kwargs: Any) -> nn.Module:
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        from .bnb import is_linear4bit, make_linear4bit
+        from .bnb import check_bnb_layer_supported, is_linear4bit, make_linear4bit
 
         if is_linear4bit(base):
             return make_linear4bit(target, adapter_name, **kwargs)
+        check_bnb_layer_supported(base, key)  # Linear8bitLt subclasses nn.Linear: refuse it before that check
         if isinstance(base, (nn.Linear, Conv1D)):
             return Linear(target, adapter_name, **kwargs)
         raise TypeError(
