@@ -347,6 +347,10 @@ def _parse_cli_value(name: str, text: str | list[str], tp: Any) -> Any:
     return text
 
 
+# Shorter spellings of some config fields on the command line.
+FLAG_ALIASES = {"quantization": ("--quantize",)}
+
+
 class _OneLineParser(argparse.ArgumentParser):
     """argparse whose usage errors (an unknown flag, a missing value) become a :class:`ConfigError`."""
 
@@ -373,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
         default = getattr(defaults, f.name)
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
+            *FLAG_ALIASES.get(f.name, ()),
             dest=f.name,
             nargs="+" if is_list else None,
             default=argparse.SUPPRESS,
@@ -808,13 +813,14 @@ def run(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, c
     existed = out.exists()
     try:
         trainer, timer, model, path, sizes = _prepare(config, callbacks)
-    except (ValueError, TypeError, OSError, ImportError) as err:
+    except (ValueError, TypeError, OSError, ImportError, RuntimeError) as err:
         # The Trainer creates output_dir when it is built; a run that fails before training leaves nothing.
         if not existed and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         if isinstance(err, ConfigError):
             raise
-        raise ConfigError(_one_line(err)) from err
+        # Setting up fails on the user's input or environment (a missing file, an offline Hub, a missing package).
+        raise ConfigError(f"{type(err).__name__}: {_one_line(err)}") from err
 
     main_process = trainer.is_world_process_zero()
     if main_process:

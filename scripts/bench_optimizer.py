@@ -6,7 +6,8 @@ by
 * ``loft``: ``LoftAdamW`` (Algorithm 1, cross-term second moments);
 * ``loft-simple``: ``LoftAdamW(variant="simple")``;
 * ``adamw-factors``: ``torch.optim.AdamW`` on the two factors (what LoRA trains with);
-* ``adamw-full``: ``torch.optim.AdamW`` on a full out x in weight (full fine-tuning of the layer).
+* ``adamw-full``: ``torch.optim.AdamW`` on a full out x in weight (full fine-tuning of the layer);
+* with ``--compile``, also ``loft-compiled``: ``LoftAdamW(compile=True)``.
 
 Timing: every round times two consecutive steps of each method (for LoFT one moves B, the other A) in turn, in one
 process, rotating the order. A CPU's speed drifts (frequency, other processes), so ratios are taken within a round
@@ -43,6 +44,26 @@ from loft_peft.optim import kernels, maths  # noqa: E402
 from loft_peft.optim.adamw import LoftAdamW  # noqa: E402
 
 METHODS = ("loft", "loft-simple", "adamw-factors", "adamw-full")
+COMPILED = "loft-compiled"
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory instead of returning it to the system (``mallopt``), for every method alike.
+
+    By default glibc unmaps a freed block at the top of its heap once it exceeds a threshold that adapts as the
+    process runs, so whether a step's multi-megabyte temporaries are faulted in afresh (a page fault per 4 KB,
+    milliseconds per step here) depends on what ran before: a ``torch.optim.AdamW`` step on a 1024 x 512 weight
+    was measured at 1.5 ms and, in the same process, at 5.3 ms with ~1000 page faults per step. Fixed thresholds
+    remove that lottery; jemalloc or tcmalloc (often preloaded for CPU training) behave similarly.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_trim_threshold, 1 << 30)) and bool(libc.mallopt(m_mmap_threshold, 32 << 20))
+    except (OSError, AttributeError):
+        return False
 
 
 def make_layer(method: str, out_features: int, in_features: int, rank: int, seed: int = 0):
@@ -59,7 +80,10 @@ def make_layer(method: str, out_features: int, in_features: int, rank: int, seed
     if method == "adamw-factors":
         return [b_param, a_param], torch.optim.AdamW([b_param, a_param], lr=1e-4)
     variant = "simple" if method == "loft-simple" else "full"
-    return [b_param, a_param], LoftAdamW([{"params": [b_param, a_param], "loft": True}], lr=1e-4, variant=variant)
+    optimizer = LoftAdamW(
+        [{"params": [b_param, a_param], "loft": True}], lr=1e-4, variant=variant, compile=method == COMPILED
+    )
+    return [b_param, a_param], optimizer
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -90,6 +114,11 @@ def _child_peak(spec: str) -> None:
     high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) minus the resident size before them and the
     state they create."""
     method, out_features, in_features, rank = spec.split(":")
+    # A few steps on a small layer first, so that one-off initialisation (thread pools, oneDNN's generated kernels,
+    # library buffers) is not counted as the big layer's scratch.
+    _, warm_up = make_layer(method, 64, 48, min(int(rank), 8))
+    for _ in range(3):
+        warm_up.step()
     params, optimizer = make_layer(method, int(out_features), int(in_features), int(rank))
     baseline = _status_bytes("VmRSS")
     with open("/proc/self/clear_refs", "w") as handle:
@@ -108,16 +137,18 @@ def _status_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
-def time_config(out_features: int, in_features: int, rank: int, rounds: int, budget_s: float) -> dict:
-    setups = {method: make_layer(method, out_features, in_features, rank) for method in METHODS}
+def time_config(
+    out_features: int, in_features: int, rank: int, rounds: int, budget_s: float, methods: tuple[str, ...] = METHODS
+) -> dict:
+    setups = {method: make_layer(method, out_features, in_features, rank) for method in methods}
     for _, optimizer in setups.values():  # warm-up: state creation, oneDNN kernel generation, allocator growth
         for _ in range(4):
             optimizer.step()
-    times: dict[str, list[float]] = {method: [] for method in METHODS}
-    ratios: dict[str, list[float]] = {method: [] for method in METHODS}
+    times: dict[str, list[float]] = {method: [] for method in methods}
+    ratios: dict[str, list[float]] = {method: [] for method in methods}
     started = time.perf_counter()
     for round_index in range(rounds):
-        order = METHODS[round_index % len(METHODS) :] + METHODS[: round_index % len(METHODS)]
+        order = methods[round_index % len(methods) :] + methods[: round_index % len(methods)]
         this_round = {}
         for method in order:
             optimizer = setups[method][1]
@@ -125,7 +156,7 @@ def time_config(out_features: int, in_features: int, rank: int, rounds: int, bud
             optimizer.step()
             optimizer.step()
             this_round[method] = (time.perf_counter() - tic) / 2
-        for method in METHODS:
+        for method in methods:
             times[method].append(this_round[method])
             ratios[method].append(this_round[method] / this_round["adamw-full"])
         if time.perf_counter() - started > budget_s and round_index >= 4:
@@ -138,9 +169,9 @@ def time_config(out_features: int, in_features: int, rank: int, rounds: int, bud
         "min_ms": {m: 1e3 * min(t) for m, t in times.items()},
         "ratio_to_adamw_full": {m: statistics.median(r) for m, r in ratios.items()},
         "ratio_to_adamw_factors": {
-            m: statistics.median(a / b for a, b in zip(times[m], times["adamw-factors"])) for m in METHODS
+            m: statistics.median(a / b for a, b in zip(times[m], times["adamw-factors"])) for m in methods
         },
-        "state_bytes": {m: state_bytes(setups[m][1]) for m in METHODS},
+        "state_bytes": {m: state_bytes(setups[m][1]) for m in methods},
         "budget_bytes": budget_bytes(out_features, in_features, rank),
     }
     return record
@@ -154,6 +185,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="time budget per configuration")
     parser.add_argument("--no-memory", action="store_true", help="skip the child-process memory measurements")
     parser.add_argument("--no-onednn", action="store_true", help="use torch.bmm for the large GEMMs")
+    parser.add_argument("--compile", action="store_true", help="also time LoftAdamW(compile=True)")
+    parser.add_argument(
+        "--default-malloc", action="store_true", help="leave glibc's adaptive trimming on (see keep_freed_memory)"
+    )
     parser.add_argument("--output", default="bench_optimizer.json", help="where to write the JSON results")
     parser.add_argument("--child-peak", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -162,20 +197,25 @@ def main() -> None:
         return
     if args.no_onednn:
         kernels.USE_ONEDNN = False
+    fixed_malloc = False if args.default_malloc else keep_freed_memory()
     torch.manual_seed(0)
     meta = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
-        "onednn": kernels._use_onednn(torch.zeros(1)),
+        "onednn": kernels._use_onednn(torch.zeros(1), kernels.ONEDNN_MIN_ELEMENTS),
+        "fixed_malloc_thresholds": fixed_malloc,
         "load_average_start": os.getloadavg(),
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
     }
     print(f"torch {meta['torch']}, {meta['threads']} threads, oneDNN GEMMs: {meta['onednn']}, "
-          f"load average {meta['load_average_start'][0]:.2f}")
+          f"fixed malloc thresholds: {fixed_malloc}, load average {meta['load_average_start'][0]:.2f}")
+    methods = METHODS + ((COMPILED,) if args.compile else ())
+    compiled = COMPILED in methods
     header = (
         f"{'shape':>11} {'r':>3} | {'LoFT':>8} {'simple':>8} {'AdamW(BA)':>9} {'AdamW(W)':>9} ms | "
-        f"{'LoFT/W':>6} {'simp/W':>6} {'LoFT/BA':>7} | {'state KB':>9} {'bound KB':>9} {'scratch MB':>10}"
+        f"{'LoFT/W':>6} {'simp/W':>6}{' comp/W' if compiled else ''} {'LoFT/BA':>7} | "
+        f"{'state KB':>9} {'bound KB':>9} {'scratch MB':>10} {'largest MB':>10}"
     )
     print(header)
     print("-" * len(header))
@@ -183,7 +223,7 @@ def main() -> None:
     for shape in args.shapes.split(","):
         out_features, in_features = (int(x) for x in shape.lower().split("x"))
         for rank in (int(r) for r in args.ranks.split(",")):
-            record = time_config(out_features, in_features, rank, args.rounds, args.seconds)
+            record = time_config(out_features, in_features, rank, args.rounds, args.seconds, methods)
             if not args.no_memory:
                 record["scratch_bytes"] = {m: peak_scratch(m, out_features, in_features, rank) for m in METHODS}
                 _, optimizer = make_layer("loft", out_features, in_features, rank)
@@ -192,11 +232,14 @@ def main() -> None:
             records.append(record)
             t, q = record["median_ms"], record["ratio_to_adamw_full"]
             scratch = record.get("scratch_bytes", {}).get("loft")
+            largest = record.get("largest_allocation_bytes")
             print(
                 f"{shape:>11} {rank:>3} | {t['loft']:8.3f} {t['loft-simple']:8.3f} {t['adamw-factors']:9.3f} "
-                f"{t['adamw-full']:9.3f}    | {q['loft']:6.2f} {q['loft-simple']:6.2f} "
-                f"{record['ratio_to_adamw_factors']['loft']:7.2f} | {record['state_bytes']['loft'] / 1024:9.1f} "
-                f"{record['budget_bytes'] / 1024:9.1f} {'' if scratch is None else f'{scratch / 2**20:10.1f}'}",
+                f"{t['adamw-full']:9.3f}    | {q['loft']:6.2f} {q['loft-simple']:6.2f}"
+                f"{f' {q[COMPILED]:6.2f}' if compiled else ''} {record['ratio_to_adamw_factors']['loft']:7.2f} | "
+                f"{record['state_bytes']['loft'] / 1024:9.1f} {record['budget_bytes'] / 1024:9.1f} "
+                f"{'-' if scratch is None else f'{scratch / 2**20:.1f}':>10} "
+                f"{'-' if largest is None else f'{largest / 2**20:.1f}':>10}",
                 flush=True,
             )
     meta["load_average_end"] = os.getloadavg()

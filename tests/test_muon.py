@@ -453,7 +453,6 @@ def test_training_stays_stable_when_a_factor_is_nearly_rank_deficient(scale, con
         change = (b_param @ a_param).detach() - before
         assert torch.isfinite(change).all()
         assert float(torch.linalg.matrix_norm(change, ord=2)) <= bound
-    print(scale, condition, losses[0], losses[-1])
     assert all(later < earlier for earlier, later in zip(losses[::5], losses[5::5])), losses
 
 
@@ -485,5 +484,4 @@ def test_loft_trainer_trains_with_loft_muon(tmp_path):
     assert isinstance(unwrap_loft_optimizer(trainer.optimizer), LoftMuon)
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert [entry[MOVED_B] for entry in logs] == [1.0, 0.0] * 4 and [entry[MOVED_A] for entry in logs] == [0.0, 1.0] * 4
-    print("trainer losses", [round(entry["loss"], 3) for entry in logs])
     assert (logs[-1]["loss"] + logs[-2]["loss"]) / 2 < (logs[0]["loss"] + logs[1]["loss"]) / 2 - 0.05

@@ -102,6 +102,14 @@ def test_the_same_command_trains_every_method(tiny, tmp_path, method):
         assert adapter_config["peft_type"] == "LOFT"
 
 
+def test_quantize_is_an_alias_of_the_quantization_field():
+    from loft_peft.train import resolve_config
+
+    assert resolve_config(["--quantize", "4bit"])[0].quantization == "4bit"
+    assert resolve_config(["--quantization", "4bit"])[0].quantization == "4bit"
+    assert resolve_config([])[0].quantization == "none"
+
+
 def test_cli_values_override_the_config_file(tiny, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("rank: 2\nlearning_rate: 1e-3\nmethod: lora\n")
@@ -253,7 +261,8 @@ def test_adapter_on_a_4bit_base_model_trains(tiny, tmp_path, method):
     out = tmp_path / "out"
     # Evaluating first: on the CPU, bitsandbytes may switch 4-bit layers to a kernel without a backward when they
     # run in inference mode, after which no gradient would reach the first layer.
-    assert main(_argv((model_dir, tiny[1]), out, "--method", method, "--quantization", "4bit",
+    flag = "--quantize" if method == "loft" else "--quantization"  # the short alias and the field's own flag
+    assert main(_argv((model_dir, tiny[1]), out, "--method", method, flag, "4bit",
                       "--eval-on-start", "true")) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["quantization"] == "4bit" and math.isfinite(metrics["eval_loss"])

@@ -207,22 +207,20 @@ class LoftOptimizerBase(torch.optim.Optimizer):
         for side, pairs in sides.items():
             if not pairs:
                 continue
-            # The moving factor x with its gradient, and the other factor y whose Gram matrix scales it (U = B, V = A^T).
+            # The moving factor's gradient, and the other factor y whose Gram matrix scales it (U = B, V = A^T),
+            # stacked exactly as the step stacks them, so that the step can reuse the pseudo-inverse bit for bit.
             if side == "B":
-                grads = [_grad_or_zeros(b) for b, _ in pairs]
-                others = [a.detach().T for _, a in pairs]
+                grad = stack_factors([_grad_or_zeros(b) for b, _ in pairs], dtype)
+                other = stack_factors([a for _, a in pairs], dtype).transpose(1, 2)
             else:
-                grads = [_grad_or_zeros(a).T for _, a in pairs]
-                others = [b.detach() for b, _ in pairs]
-            other = torch.stack(others)
-            other = other if other.dtype == dtype else other.to(dtype)
+                grad = stack_factors([_grad_or_zeros(a) for _, a in pairs], dtype).transpose(1, 2)
+                other = stack_factors([b for b, _ in pairs], dtype)
             other_pinv = kernels.gram_pinv(other)
             self._caches()["gram_pinv"][tuple(map(id, (a if side == "B" else b for b, a in pairs)))] = (
                 other,
                 other_pinv,
             )
-            grad = torch.stack(grads)
-            sq = kernels.effective_grad_sq_norm(grad if grad.dtype == dtype else grad.to(dtype), other_pinv)
+            sq = kernels.effective_grad_sq_norm(grad, other_pinv)
             total = sq if total is None else total + sq
         return total
 
@@ -317,3 +315,9 @@ class LoftOptimizerBase(torch.optim.Optimizer):
 
 def _grad_or_zeros(param: Tensor) -> Tensor:
     return param.grad if param.grad is not None else torch.zeros_like(param)
+
+
+def stack_factors(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """(L, ...) in ``dtype`` from L same-shape tensors: a view for one tensor of that dtype, else one copy."""
+    stacked = tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+    return stacked if stacked.dtype == dtype else stacked.to(dtype)

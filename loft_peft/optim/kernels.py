@@ -9,12 +9,13 @@ steps and shapes). Where the speed comes from:
   :func:`maths.gram_pinv` is kept for the matrices where the two could differ (singular or ill-conditioned ones).
 * The projected Adam update (:func:`projected_adam_update`, block 5) never forms a (k, l) matrix larger than a row
   block. Its constants (bias corrections, the Cauchy-Schwarz floor, ``-lr``) are folded into the small (l, r) and
-  (l, R) matrices, Adam's elementwise step is five passes over the block, and the last GEMM adds the decayed factor,
-  so the new factor comes out of the pass directly.
-* On CPUs, the three GEMMs of that pass go through oneDNN when PyTorch was built with it: for these skinny shapes
-  (inner dimension r or r (r + 1) / 2) it runs about twice as fast as the BLAS behind ``torch.matmul`` on the CPUs
-  we measured (AVX-512 kernels where the BLAS picks AVX2 ones). Anything else (GPUs, other dtypes, builds without
-  oneDNN) takes batched ``torch.bmm``.
+  (R, l) matrices, Adam's elementwise step is five passes over the block (one with the optional ``torch.compile``),
+  and the last GEMM adds the decayed factor, so the new factor comes out of the pass directly. The block
+  temporaries live in a :class:`Workspace` kept between steps.
+* On CPUs, the GEMMs with inner size R = r (r + 1) / 2 or l (the rebuild of ``v~``, the projection back, the carrying of
+  the cross terms) go through oneDNN when PyTorch was built with it: for these skinny shapes it runs about twice as
+  fast as the BLAS behind ``torch.matmul`` on the CPUs we measured (AVX-512 kernels where the BLAS picks AVX2 ones).
+  Anything else (GPUs, other dtypes, builds without oneDNN, small layers) takes batched ``torch.bmm``.
 
 Shapes follow ``maths``: for the treated factor ``x`` (L, k, r) and the other factor ``y`` (L, l, r), R = r (r + 1)/2.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -68,28 +70,36 @@ def _probe_onednn() -> bool:
         return False
 
 
-def _use_onednn(x: Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.float32 and _onednn_available()
+# oneDNN's linear costs ~20 us per call before any arithmetic; below this many (rows x l) elements per layer the
+# batched torch.bmm path is faster.
+ONEDNN_MIN_ELEMENTS = 1 << 16
+
+
+def _use_onednn(x: Tensor, elements: int = ONEDNN_MIN_ELEMENTS) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and elements >= ONEDNN_MIN_ELEMENTS
+        and _onednn_available()
+    )
 
 
 @functools.lru_cache(maxsize=None)
 def _packed_indices(rank: int, device: str, dtype: torch.dtype) -> dict[str, Tensor]:
     """Index and weight tensors for the packed upper triangle (``torch.triu_indices`` order), cached.
 
-    ``"full"``: for each flat position ``a r + b`` of an r x r matrix, the packed index of (min(a, b), max(a, b));
-    ``"st"``: flat position ``s r + t`` of each packed entry (s <= t) in an r x r matrix; ``"st_ts"``: those followed
-    by the mirrored positions ``t r + s``; ``"kr_weight"``: 1 on the diagonal, 2 off it (eq. 12's Khatri-Rao weight);
-    ``"half_diagonal"``: 1/2 on the diagonal, 1 off it.
+    ``"s"``, ``"t"``: row and column of each packed entry (s <= t); ``"st"``: its flat position ``s r + t`` in an r x r
+    matrix; ``"st_ts"``: those followed by the mirrored positions ``t r + s``; ``"kr_weight"``: eq. (12)'s Khatri-Rao
+    weight, 1 on the diagonal and 2 off it, as an (R, 1) column; ``"half_diagonal"``: 1/2 on the diagonal, 1 off it.
     """
     s, t = torch.triu_indices(rank, rank, device=device)
     diagonal = s == t
-    packed_of = torch.empty(rank, rank, dtype=torch.long, device=device)
-    packed_of[s, t] = packed_of[t, s] = torch.arange(s.shape[0], device=device)
     return {
-        "full": packed_of.flatten(),
+        "s": s,
+        "t": t,
         "st": s * rank + t,
         "st_ts": torch.cat([s * rank + t, t * rank + s]),
-        "kr_weight": torch.where(diagonal, 1.0, 2.0).to(dtype),
+        "kr_weight": torch.where(diagonal, 1.0, 2.0).to(dtype)[:, None],
         "half_diagonal": torch.where(diagonal, 0.5, 1.0).to(dtype),
     }
 
@@ -98,62 +108,76 @@ def _indices(x: Tensor) -> dict[str, Tensor]:
     return _packed_indices(x.shape[-1], str(x.device), x.dtype)
 
 
-def _all_products(x: Tensor) -> Tensor:
-    """(..., k, r) -> (..., k, r * r) with entry ``s r + t`` holding ``x_s x_t``; r^2 products where R would do,
-    because one broadcast multiply is cheaper than two gathers for the small r used here."""
-    return (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)
+def _select_columns(x: Tensor, index: Tensor) -> Tensor:
+    """``x.index_select(-1, index)`` as a gather: several times faster on CPUs for a last-dimension selection."""
+    return torch.gather(x, -1, index.expand(*x.shape[:-1], index.shape[0]))
 
 
 def packed_outer(x: Tensor) -> Tensor:
-    """:func:`maths.packed_outer` for a batch: (..., k, r) -> (..., k, R) with entries ``x_s x_t``, s <= t."""
-    return _all_products(x).index_select(-1, _indices(x)["st"])
+    """:func:`maths.packed_outer` for a batch: (..., k, r) -> (..., k, R) with entries ``x_s x_t``, s <= t.
 
-
-def packed_khatri_rao_rows(y: Tensor, scale: float = 1.0) -> Tensor:
-    """``scale`` times :func:`maths.packed_khatri_rao` transposed, for a batch: (L, l, r) -> (L, l, R).
-
-    Row j holds ``c_st y_js y_jt`` (c = 1 on the diagonal, 2 off it), so the rebuilt second moment is
-    ``cross @ result^T``. This (l, R) layout is the one a linear layer's weight has, which oneDNN wants.
+    Up to r = 8 the two R-column factors are gathered and multiplied; beyond, gathering the R packed products out of
+    all r^2 (one broadcast multiply) moves less memory. Measured on 1024-row blocks.
     """
-    weight = _indices(y)["kr_weight"]
-    return _all_products(y).index_select(-1, _indices(y)["st"]).mul_(weight * scale if scale != 1.0 else weight)
+    index = _indices(x)
+    if x.shape[-1] <= 8:
+        return _select_columns(x, index["s"]).mul_(_select_columns(x, index["t"]))
+    products = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)
+    return _select_columns(products, index["st"])
 
 
-def packed_congruence(calibration: Tensor) -> Tensor:
-    """:func:`maths.packed_congruence` for a batch: (L, r, r) -> (L, R, R), from one Kronecker product.
+def packed_khatri_rao(y_t: Tensor, scale: float = 1.0) -> Tensor:
+    """``scale`` times :func:`maths.packed_khatri_rao` for a batch, from the transposed factor: (L, r, l) -> (L, R, l).
 
-    ``T[(s,t), (a,b)] = C[s,a] C[t,b] + [s < t] C[t,a] C[s,b]``; both terms are entries of ``K = C ⊗ C``, and for
-    s = t they coincide, so ``T = (K[st] + K[ts]) * (1/2 on the diagonal)`` restricted to the packed columns (a, b).
+    Row (s, t) holds ``c_st y_s y_t`` (c = 1 on the diagonal, 2 off it), so the rebuilt second moment is
+    ``cross @ result`` (eq. 12). Taking ``y^T`` makes both selections gathers of whole rows.
+    """
+    index = _packed_indices(y_t.shape[-2], str(y_t.device), y_t.dtype)
+    weight = index["kr_weight"] * scale if scale != 1.0 else index["kr_weight"]
+    return y_t.index_select(-2, index["t"]).mul_(weight).mul_(y_t.index_select(-2, index["s"]))
+
+
+def packed_congruence_rows(calibration: Tensor) -> Tensor:
+    """The transpose of :func:`maths.packed_congruence` for a batch: (L, r, r) -> (L, R, R), ``result[i] = T_i^T``.
+
+    ``T[(s,t), (a,b)] = C[s,a] C[t,b] + [s < t] C[t,a] C[s,b]``. With ``D[a, b, (s,t)] = C[s,a] C[t,b]`` (one
+    broadcast product of two column selections of C), ``T^T[(a,b), (s,t)] = (D[a,b] + D[b,a]) * (1/2 if s = t)``:
+    both terms are whole-row selections of D. ``T^T`` is also the layout of a linear layer's weight for
+    ``p @ T``, which is what oneDNN takes.
     """
     batch, rank = calibration.shape[0], calibration.shape[-1]
     index = _indices(calibration)
-    kron = (calibration[:, :, None, :, None] * calibration[:, None, :, None, :]).reshape(batch, rank * rank, -1)
-    rows = kron.index_select(1, index["st_ts"]).index_select(2, index["st"])  # (L, 2R, R)
-    packed = rows.shape[-1]
-    return (rows[:, :packed] + rows[:, packed:]).mul_(index["half_diagonal"][:, None])
+    columns = calibration.transpose(1, 2)  # [a, s] = C[s, a]
+    products = columns.index_select(-1, index["s"]).unsqueeze(2) * columns.index_select(-1, index["t"]).unsqueeze(1)
+    both = products.view(batch, rank * rank, -1).index_select(1, index["st_ts"])  # rows (a,b) then (b,a), a <= b
+    packed = both.shape[-1]
+    return (both[:, :packed] + both[:, packed:]).mul_(index["half_diagonal"])
 
 
-# From this rank on, cross terms are carried to a new basis as r x r matrices (two GEMMs with inner size r, 4 r^3
-# per row) rather than by the packed (R, R) congruence matrix (2 R^2 = r^2 (r + 1)^2 / 2 per row).
-UNPACKED_CONGRUENCE_RANK = 12
+def packed_congruence(calibration: Tensor) -> Tensor:
+    """:func:`maths.packed_congruence` for a batch: (L, r, r) -> (L, R, R) (a transposed view)."""
+    return packed_congruence_rows(calibration).transpose(1, 2)
 
 
-def apply_congruence(cross: Tensor, calibration: Tensor) -> Tensor:
-    """``cross @ packed_congruence(C)`` (eq. 11's ``p (C ⊗ C)``) for a batch: (L, k, R), (L, r, r) -> (L, k, R).
+def update_cross_terms_(cross: Tensor, calibration: Tensor | None, outer: Tensor, beta2: float) -> None:
+    """:func:`maths.update_cross_terms` in place for a batch: ``cross <- lerp(outer, cross (C ⊗ C), beta2)`` (eq. 11).
 
-    Per row the cross terms are the symmetric r x r matrix ``P``, and the product is the packed ``C^T P C``. For
-    larger r it is cheaper to form that directly, ``X = P C`` then ``X^T C = C^T P C``, than to multiply by the
-    (R, R) matrix.
+    Carrying the cross terms is a GEMM with inner size R = r (r + 1) / 2; on CPUs it goes through oneDNN, one layer
+    at a time, each result folded into ``cross`` at once. (Carrying each row's r x r matrix as ``C^T P C`` needs fewer
+    flops, 4 r^3 against 2 R^2, but its GEMMs have inner size r and it moves r^2 numbers per row: slower here for
+    every r up to 32.)
     """
-    rank = calibration.shape[-1]
-    if rank < UNPACKED_CONGRUENCE_RANK:
-        return torch.bmm(cross, packed_congruence(calibration))
-    layers, rows = cross.shape[0], cross.shape[1]
-    index = _indices(calibration)
-    full = cross.index_select(-1, index["full"]).view(layers, rows * rank, rank)  # rows of P_i, stacked
-    right = torch.bmm(full, calibration).view(layers, rows, rank, rank)  # P_i C
-    both = torch.bmm(right.transpose(-1, -2).reshape(layers, rows * rank, rank), calibration)  # (P_i C)^T C
-    return both.view(layers, rows, rank * rank).index_select(-1, index["st"])
+    if calibration is None:
+        torch.lerp(outer, cross, beta2, out=cross)
+        return
+    weights = packed_congruence_rows(calibration)
+    layers, rows, packed = cross.shape
+    if not _use_onednn(cross, rows * packed):
+        torch.lerp(outer, torch.bmm(cross, weights.transpose(1, 2)), beta2, out=cross)
+        return
+    linear = torch.ops.mkldnn._linear_pointwise
+    for i in range(layers):
+        torch.lerp(outer[i], linear(cross[i], weights[i], None, "none", [], ""), beta2, out=cross[i])
 
 
 def spd_pinv(gram: Tensor) -> Tensor:
@@ -166,13 +190,13 @@ def spd_pinv(gram: Tensor) -> Tensor:
     """
     rank = gram.shape[-1]
     chol, info = torch.linalg.cholesky_ex(gram)
-    failed = info != 0
-    if bool(failed.any()):  # cholesky_inverse raises on a zero pivot; these get the eigendecomposition below anyway
-        chol[failed] = torch.eye(rank, dtype=chol.dtype, device=chol.device)
+    # cholesky_inverse raises on a zero pivot, which a failed factorisation can leave; those matrices are redone below,
+    # and a valid factor's diagonal is positive, so flooring the diagonal changes nothing else.
+    chol.diagonal(dim1=-2, dim2=-1).clamp_(min=torch.finfo(gram.dtype).tiny)
     inverse = torch.cholesky_inverse(chol)
     limit = 0.01 / (rank * torch.finfo(gram.dtype).eps)
     bound = torch.linalg.matrix_norm(gram).mul_(torch.linalg.matrix_norm(inverse))
-    accepted = (bound <= limit).logical_and_(~failed)  # a NaN bound is not accepted
+    accepted = (bound <= limit).logical_and_(info == 0)  # a NaN bound is not accepted
     if not bool(accepted.all()):
         rejected = (~accepted).nonzero().squeeze(1)
         inverse[rejected] = torch.linalg.pinv(gram[rejected], hermitian=True)
@@ -189,6 +213,27 @@ def effective_grad_sq_norm(grad: Tensor, other_gram_pinv: Tensor) -> Tensor:
     return torch.bmm(grad.transpose(1, 2), grad).mul_(other_gram_pinv).sum()
 
 
+class Workspace:
+    """Scratch tensors kept from one step to the next, so that the large per-block temporaries are allocated once.
+
+    On CPUs this matters more than it seems: glibc returns a freed multi-megabyte block at the top of its heap to the
+    system, and allocating it again on the next step costs one page fault per 4 KB, milliseconds per step on the
+    machines we measured (and the reason a plain ``torch.optim.AdamW`` step's time jumps around by several times).
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """A tensor of ``shape`` with ``like``'s dtype and device, reusing the storage kept under ``name``."""
+        numel = math.prod(shape)
+        key = (name, like.dtype, like.device)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buffer[:numel].view(shape)
+
+
 def projected_adam_update(
     x: Tensor,
     exp_avg: Tensor,
@@ -203,7 +248,9 @@ def projected_adam_update(
     eps: float,
     floor: float,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
-) -> Tensor:
+    workspace: Workspace | None = None,
+    compiled: bool = False,
+) -> list[Tensor]:
     """The new factor ``decay * x - lr * direction`` with :func:`maths.projected_adam_direction`'s direction (eq. 13).
 
     For each layer, ``direction = D y (y^T y)^+`` with ``D = [m~/bc1] / (sqrt(max(v~, floor m~^2)/bc2) + eps)``,
@@ -225,53 +272,103 @@ def projected_adam_update(
         lr, decay: the step is ``decay * x - lr * direction`` (``decay = 1 - lr * weight_decay``).
         bias_correction1, bias_correction2, eps, floor: as in :func:`maths.projected_adam_direction`.
         block_elements: about how many elements of a layer's (rows, l) block are formed at once.
+        workspace: where the block temporaries live between calls (a fresh one if ``None``).
+        compiled: do Adam's elementwise step in one ``torch.compile``-d pass (falls back to eager if that fails).
 
     Returns:
-        The new factor, (L, k, r), a new tensor.
+        The new factor of each layer, (k, r) each, new tensors.
     """
+    workspace = Workspace() if workspace is None else workspace
     layers, rows, length = x.shape[0], x.shape[1], y.shape[1]
     scale_first = math.sqrt(floor) if floor > 0.0 else 1.0
     kappa = math.sqrt(bias_correction2) / (scale_first * bias_correction1)
     eps_scaled = eps * math.sqrt(bias_correction2)
-    first_rows = y * scale_first if scale_first != 1.0 else y  # (L, l, r): m~ = m @ first_rows^T
-    second_rows = packed_khatri_rao_rows(y)  # (L, l, R): v~ = p @ second_rows^T
-    projector_rows = torch.bmm(y_gram_pinv * (-lr * kappa), y.transpose(1, 2))  # (L, r, l)
+    y_t = y.transpose(1, 2)
+    first_cols = y_t * scale_first if scale_first != 1.0 else y_t  # (L, r, l): m~ = m @ first_cols
+    second_cols = packed_khatri_rao(y_t)  # (L, R, l): v~ = p @ second_cols
+    projector_rows = torch.bmm(y_gram_pinv * (-lr * kappa), y_t)  # (L, r, l)
     base = x * decay if decay != 1.0 else x
-    if not _use_onednn(x):
-        # One bmm per GEMM for all L layers, so the block holds rows of every layer.
+    floored = floor > 0.0
+    if not _use_onednn(x, rows * length):
+        # One bmm per GEMM for all L layers, so a block holds rows of every layer.
         step = min(rows, max(1, block_elements // max(layers * length, 1)))
         blocks = []
         for start in range(0, rows, step):
-            rows_slice = slice(start, min(start + step, rows))
-            first = torch.bmm(exp_avg[:, rows_slice], first_rows.transpose(1, 2))
-            second = torch.bmm(cross[:, rows_slice], second_rows.transpose(1, 2))
-            ratio = _adam_ratio_(first, second, floor > 0.0, eps_scaled)
-            blocks.append(torch.baddbmm(base[:, rows_slice], ratio, projector_rows.transpose(1, 2)))
-        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
-    # oneDNN's linear takes one weight, so layers go one at a time; the row block is per layer.
+            block = slice(start, min(start + step, rows))
+            shape = (layers, block.stop - start, length)
+            first = torch.bmm(exp_avg[:, block], first_cols, out=workspace.get("first", shape, x))
+            second = torch.bmm(cross[:, block], second_cols, out=workspace.get("second", shape, x))
+            square = workspace.get("square", shape, x) if floored else None
+            ratio = _adam_ratio_(first, second, square, eps_scaled, compiled)
+            blocks.append(torch.baddbmm(base[:, block], ratio, projector_rows.transpose(1, 2)))
+        return list((blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)).unbind(0))
+    # oneDNN's linear takes one weight, so the layers go one at a time. It also always allocates its output: that
+    # is kept to the single v~ block per step (one block-sized allocation, which glibc keeps in its heap), and m~ and
+    # the square go to the workspace through torch.mm.
     linear = torch.ops.mkldnn._linear_pointwise
     step = min(rows, max(1, block_elements // max(length, 1)))
     layer_results = []
     for i in range(layers):
         blocks = []
         for start in range(0, rows, step):
-            rows_slice = slice(start, min(start + step, rows))
-            first = linear(exp_avg[i, rows_slice], first_rows[i], None, "none", [], "")
-            second = linear(cross[i, rows_slice], second_rows[i], None, "none", [], "")
-            ratio = _adam_ratio_(first, second, floor > 0.0, eps_scaled)
-            blocks.append(linear.binary(ratio, base[i, rows_slice], projector_rows[i], None, "add"))
+            block = slice(start, min(start + step, rows))
+            shape = (block.stop - start, length)
+            first = torch.mm(exp_avg[i, block], first_cols[i], out=workspace.get("first", shape, x))
+            second = linear(cross[i, block], second_cols[i].T, None, "none", [], "")
+            square = workspace.get("square", shape, x) if floored else None
+            ratio = _adam_ratio_(first, second, square, eps_scaled, compiled)
+            blocks.append(linear.binary(ratio, base[i, block], projector_rows[i], None, "add"))
         layer_results.append(blocks[0] if len(blocks) == 1 else torch.cat(blocks))
-    return layer_results[0].unsqueeze(0) if layers == 1 else torch.stack(layer_results)
+    return layer_results
 
 
-def _adam_ratio_(first: Tensor, second: Tensor, floored: bool, eps: float) -> Tensor:
-    """``first / (sqrt(max(second, first^2)) + eps)`` into ``second`` (``max(second, 0)`` when not ``floored``)."""
-    if floored:
-        torch.maximum(second, torch.mul(first, first), out=second)
+def _adam_ratio_(first: Tensor, second: Tensor, square: Tensor | None, eps: float, compiled: bool = False) -> Tensor:
+    """``first / (sqrt(max(second, first^2)) + eps)`` into ``second``, with ``square`` as scratch for ``first^2``;
+    without ``square``, ``first / (sqrt(max(second, 0)) + eps)``.
+
+    Five passes over the block in eager mode; with ``compiled`` one, through :func:`_fused_ratio` (if it compiles).
+    """
+    if compiled:
+        fused = _fused_ratio()
+        if fused is not None:
+            try:
+                fused(first, second, torch.tensor(eps, dtype=first.dtype), square is not None)
+                return second
+            except Exception as error:  # noqa: BLE001 - no compiler, unsupported backend...: eager is always right
+                _disable_compile(error)
+    if square is not None:
+        torch.maximum(second, torch.mul(first, first, out=square), out=second)
     else:
         second.clamp_min_(0.0)
     second.sqrt_().add_(eps)
     return torch.div(first, second, out=second)
+
+
+def _ratio_into_second(first: Tensor, second: Tensor, eps: Tensor, floored: bool) -> None:
+    bounded = torch.maximum(second, first * first) if floored else second.clamp_min(0.0)
+    second.copy_(first / (bounded.sqrt() + eps))
+
+
+_FUSED_RATIO: list = []  # [compiled function] once built, [None] once compiling has failed
+
+
+def _fused_ratio():
+    """``_ratio_into_second`` through ``torch.compile``: one pass over the block instead of five.
+
+    ``eps`` changes every step (it carries the bias correction), so it is passed as a tensor, and shapes are dynamic:
+    one compilation serves every step and block. ``None`` once compiling has proved unavailable.
+    """
+    if not _FUSED_RATIO:
+        try:
+            _FUSED_RATIO.append(torch.compile(_ratio_into_second, dynamic=True, fullgraph=True))
+        except Exception as error:  # noqa: BLE001 - e.g. a platform torch.compile does not support
+            _disable_compile(error)
+    return _FUSED_RATIO[0]
+
+
+def _disable_compile(error: Exception) -> None:
+    warnings.warn(f"torch.compile is unavailable for the LoFT kernels ({error!r}); using eager PyTorch.", stacklevel=3)
+    _FUSED_RATIO[:] = [None]
 
 
 def simple_adam_update(
@@ -284,9 +381,11 @@ def simple_adam_update(
     bias_correction1: float,
     bias_correction2: float,
     eps: float,
-) -> Tensor:
-    """``decay * x - lr * maths.simple_adam_direction(...)`` in three passes: ``m / (sqrt(v) + eps sqrt(bc2))``
-    times ``sqrt(bc2) / bc1`` is the reference's ``(m / bc1) / (sqrt(v / bc2) + eps)``."""
+) -> list[Tensor]:
+    """``decay * x - lr * maths.simple_adam_direction(...)`` per layer, (k, r) each, in three passes:
+    ``m / (sqrt(v) + eps sqrt(bc2))`` times ``sqrt(bc2) / bc1`` is the reference's ``(m / bc1) / (sqrt(v / bc2) + eps)``.
+    """
     denom = torch.sqrt(exp_avg_sq).add_(eps * math.sqrt(bias_correction2))
     base = x * decay if decay != 1.0 else x
-    return torch.addcdiv(base, exp_avg, denom, value=-lr * math.sqrt(bias_correction2) / bias_correction1)
+    value = -lr * math.sqrt(bias_correction2) / bias_correction1
+    return list(torch.addcdiv(base, exp_avg, denom, value=value).unbind(0))
