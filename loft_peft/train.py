@@ -23,6 +23,7 @@ import os
 import re
 import resource
 import shutil
+import string
 import sys
 import tempfile
 import time
@@ -36,7 +37,6 @@ METHODS = ("loft", "loft-simple", "loft-muon", "lora", "dora", "full")
 LOFT_METHODS = ("loft", "loft-simple", "loft-muon")
 TASKS = ("causal-lm", "image-classification")
 PRECISIONS = ("fp32", "bf16", "fp16")
-QUANTIZATIONS = ("none", "4bit")
 
 # Files a finished run leaves in output_dir (besides the adapter / model files that save_pretrained chooses).
 CONFIG_FILE = "config.yaml"
@@ -157,10 +157,14 @@ class TrainConfig:
             raise ConfigError(f"dropout must lie in [0, 1); got {self.dropout}")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise ConfigError(f"lora_alpha must be > 0; got {self.lora_alpha}")
-        if self.quantization == "8bit":
-            raise ConfigError("quantization 8bit is not supported; use 4bit (NF4) or none")
-        if self.quantization not in QUANTIZATIONS:
-            raise ConfigError(f"unknown quantization {self.quantization!r}; choose none or 4bit")
+        if self.text_template is not None:
+            template_fields(self.text_template)
+        from .quantization import check_quantization
+
+        try:  # "4-bit", "nf4", ... mean 4bit; 8-bit is refused
+            self.quantization = check_quantization(self.quantization) or "none"
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
         if self.quantization == "4bit" and self.method == "full":
             raise ConfigError("method full cannot train 4-bit weights; use quantization none or an adapter method")
         if self.task not in TASKS:
@@ -489,13 +493,29 @@ def check_output_dir(config: TrainConfig, *, resume: bool, overwrite: bool) -> P
     return None
 
 
+# What a finished run saves besides its own files: the adapter (or, for method full, the model), the model's config
+# and processor, the Trainer's arguments and PEFT's model card. --overwrite removes these, so no file of the previous
+# run (a LoFT adapter beside a full model, say) is left to be loaded by mistake.
+SAVED_MODEL_PATTERNS = (
+    "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
+    "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+    "config.json", "generation_config.json", "training_args.bin", "README.md",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "vocab.json",
+    "merges.txt", "added_tokens.json", "tokenizer.model", "preprocessor_config.json",
+)
+
+
 def _clear_previous_run(out: Path) -> None:
-    """For ``--overwrite``: remove the previous run's checkpoints and result files (nothing else in the folder)."""
+    """For ``--overwrite``: remove the previous run's checkpoints, result files and saved model (nothing else)."""
     for checkpoint in _checkpoints(out):
         shutil.rmtree(checkpoint)
     for name in (CONFIG_FILE, METRICS_FILE, PLOT_FILE):
         if (out / name).exists():
             (out / name).unlink()
+    for pattern in SAVED_MODEL_PATTERNS:
+        for path in out.glob(pattern):
+            if path.is_file():
+                path.unlink()
 
 
 # ====================================================================================================== checks
@@ -519,18 +539,11 @@ def _check_inputs(config: TrainConfig) -> None:
     if config.text_template and config.task == "causal-lm" and config.data_files is not None and not all(
             str(f).endswith((".json", ".jsonl")) for f in config.data_files):
         raise ConfigError("text_template needs JSON records: give .json or .jsonl data_files")
-    if config.method == "loft-muon":
-        try:
-            from .optim import muon  # noqa: F401
-        except ImportError:
-            raise ConfigError("method loft-muon needs loft_peft.optim.muon, which this installation lacks") from None
     if config.quantization == "4bit":
         import importlib.util
 
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ConfigError("quantization 4bit needs bitsandbytes: pip install 'loft-peft[bnb]'")
-        if config.method in LOFT_METHODS and importlib.util.find_spec("loft_peft.quantization") is None:
-            raise ConfigError("4-bit LoFT needs loft_peft.quantization, which this installation lacks")
     if config.precision == "fp16":
         import torch
 
@@ -674,11 +687,28 @@ def _load_raw(config: TrainConfig, split: str):
     return load_text_dataset(data_files=files, text_column=config.text_column, split=split)
 
 
+def template_fields(template: str) -> list[str]:
+    """The record fields a ``text_template`` uses (``"Q: {question}"`` -> ``["question"]``).
+
+    Raises:
+        ConfigError: the template is not a format string, or has a field other than a plain name (``{}``, ``{0}``,
+            ``{a.b}``, ``{a[0]}``).
+    """
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:  # an unmatched brace
+        raise ConfigError(f"text_template {template!r} is not a valid format string: {err}") from err
+    bad = [name for name in fields if not name.isidentifier()]
+    if bad:
+        raise ConfigError(f"text_template fields must be record field names like {{question}}; got {bad}")
+    return fields
+
+
 def _apply_template(config: TrainConfig, raw):
     if not config.text_template:
         return raw
     template = config.text_template
-    missing = [name for name in re.findall(r"{(\w+)", template) if name not in raw.column_names]
+    missing = [name for name in template_fields(template) if name not in raw.column_names]
     if missing:
         raise ConfigError(f"text_template uses field(s) {missing} that the data lacks; its fields are "
                           f"{raw.column_names}")
@@ -738,7 +768,16 @@ def build_image_data(config: TrainConfig, processor):
 
     train = _truncate(train, config.max_train_examples)
     evaluation = _truncate(evaluation, config.max_eval_examples)
-    return train.with_transform(transform), evaluation.with_transform(transform), names
+    train, evaluation = train.with_transform(transform), evaluation.with_transform(transform)
+    # Preprocessing runs lazily, inside training; try one example now so that bad data fails before anything runs.
+    try:
+        train[0]
+    except Exception as err:  # noqa: BLE001 - whatever the image processor raises, it is the data's problem
+        raise ConfigError(
+            f"could not preprocess the first training example (image_column {config.image_column!r}, "
+            f"label_column {config.label_column!r}): {type(err).__name__}: {err}"
+        ) from err
+    return train, evaluation, names
 
 
 def _accuracy(eval_prediction) -> dict[str, float]:

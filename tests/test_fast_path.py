@@ -258,7 +258,7 @@ def test_spd_pinv_equals_gram_pinv_on_regular_and_singular_grams(dtype, toleranc
     assert torch.equal(fast[1], torch.zeros_like(fast[1]))
 
 
-def test_packed_helpers_equal_the_reference_functions():
+def test_packed_batch_functions_equal_the_reference_functions():
     generator = torch.Generator().manual_seed(0)
     for rank in (1, 2, 5):
         calib = torch.randn(3, rank, rank, generator=generator, dtype=torch.float64)
@@ -317,7 +317,7 @@ def test_projected_adam_update_equals_reference_direction(gemm_backend, dtype, t
 
 @pytest.mark.parametrize("floor", [0.0, maths.second_moment_floor(0.9, 0.999)])
 def test_compiled_elementwise_step_equals_eager(floor):
-    """The optional torch.compile-d pass gives the eager result (or, where compiling fails, is the eager path)."""
+    """The optional torch.compile-d pass gives the eager result (skipped where this machine cannot compile)."""
     x, exp_avg, cross, y = _direction_inputs(torch.float32, rows=300, length=257)
     pinv = torch.stack([maths.gram_pinv(layer) for layer in y])
     options = dict(lr=0.05, decay=0.99, bias_correction1=0.271, bias_correction2=0.003, eps=1e-8, floor=floor)
@@ -325,6 +325,8 @@ def test_compiled_elementwise_step_equals_eager(floor):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a machine without a compiler warns and falls back; both must agree
         fused = kernels.projected_adam_update(x, exp_avg, cross, y, pinv, compiled=True, **options)
+    if kernels._FUSED_RATIO == [None]:
+        pytest.skip("torch.compile is unavailable here; the compiled call fell back to the eager path")
     for a, b in zip(fused, eager):
         assert float((a - b).abs().max() / b.abs().max()) < 1e-6
 

@@ -394,9 +394,17 @@ def test_update_scale_rejects_an_unknown_scale():
         update_scale(4, 4, 2, "max")
 
 
-def test_unknown_muon_option_raises_type_error(toy_model):
-    with pytest.raises(TypeError):
-        create_loft_optimizer(_toy_loft(toy_model), optimizer="muon", lr=0.02, beta=0.9)
+@pytest.mark.parametrize(
+    "optimizer, option", [("muon", "beta"), ("muon", "foreach"), ("adamw", "momentum"), ("adamw", "ns_steps")]
+)
+def test_an_option_the_chosen_optimizer_lacks_raises_type_error_naming_it(toy_model, optimizer, option):
+    with pytest.raises(TypeError, match=f"Unexpected options for optimizer='{optimizer}': \\['{option}'\\]"):
+        create_loft_optimizer(_toy_loft(toy_model), optimizer=optimizer, lr=0.02, **{option: 1})
+
+
+def test_factory_passes_the_adamw_path_options(toy_model):
+    optimizer = create_loft_optimizer(_toy_loft(toy_model), lr=0.02, foreach=False, compile=True)
+    assert (optimizer.param_groups[0]["foreach"], optimizer.param_groups[0]["compile"]) == (False, True)
 
 
 # ---------------------------------------------------------------------------------------------------------- training

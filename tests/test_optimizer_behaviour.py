@@ -75,7 +75,7 @@ def test_bf16_factors_train_without_nan_and_state_stays_fp32():
     ids = _batch()
     first = float(model(input_ids=ids, labels=ids).loss.detach())
     _train(model, optimizer, 8)
-    last = float(model(input_ids=ids, labels=ids).loss)
+    last = float(model(input_ids=ids, labels=ids).loss.detach())
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert last < first
     for p in (p for group in optimizer.param_groups for p in group["params"]):
@@ -89,15 +89,17 @@ def test_bf16_factors_train_without_nan_and_state_stays_fp32():
             assert torch.equal(value, optimizer.state[p][key])
 
 
-@pytest.mark.parametrize("foreach, bound", [(False, 2e-2), (True, 2e-1)])
+@pytest.mark.parametrize("foreach, bound", [(False, 2e-2), (True, 5e-2)])
 def test_fp32_run_stays_close_to_float64_run(foreach, bound):
     """Measures round-off drift of an fp32 run from the same run in float64.
 
     Measured here, largest factor, 40 steps: 8.7e-3 relative with the per-layer reference path (``foreach=False``),
-    1.0e-1 with the batched fast path (the default), against 1.3e-6 for LoRA + torch AdamW. The drift is reached in
-    the first steps and flat afterwards. The rebuilt second moment ``p (V * V)`` is a sum of r^2 products; where the
-    true value is near zero it cancels to round-off, and Adam's normalisation turns those elements' updates into noise
-    of size ~1 either way. The bounds leave a 2x margin; a blow-up (no clamp, negative v~) gives NaN or >> 1.
+    2.2e-2 with the batched fast path (the default), against 1.3e-6 for LoRA + torch AdamW; in float64 the two paths
+    agree to 7e-8 over the same 40 steps, so the gap is rounding order, not a different algorithm. The drift is reached
+    in the first two steps (each factor's first move) and flat afterwards. The rebuilt second moment ``p (V * V)`` is a
+    sum of r^2 products; where the true value is near zero it cancels to round-off, and Adam's normalisation turns
+    those elements' updates into noise of size ~1 either way. The bounds leave a 2x margin; a blow-up (no clamp,
+    negative v~) gives NaN or >> 1.
     """
     from loft_peft import LoftAdamW
     from loft_peft.optim import loft_param_groups

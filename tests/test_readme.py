@@ -14,7 +14,7 @@ def _quickstart_code() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_readme_quickstart_is_at_most_a_dozen_lines():
+def test_readme_quickstart_is_at_most_fifteen_lines():
     code_lines = [line for line in _quickstart_code().splitlines() if line.strip()]
     assert len(code_lines) <= 15
 

@@ -86,8 +86,6 @@ def test_run_writes_adapter_metrics_plot_and_resolved_config(tiny, tmp_path):
 
 @pytest.mark.parametrize("method", ["lora", "dora", "full", "loft-simple", "loft-muon"])
 def test_the_same_command_trains_every_method(tiny, tmp_path, method):
-    if method == "loft-muon":
-        pytest.importorskip("loft_peft.optim.muon")
     out = tmp_path / method
     assert main(_argv(tiny, out, "--method", method, "--rank", "4")) == 0
     assert json.loads((out / "metrics.json").read_text())["method"] == method
@@ -129,7 +127,8 @@ BAD_INPUTS = {
     "rank below one": (lambda d: ["--rank", "0"], "rank must be >= 1"),
     "rank not an integer": (lambda d: ["--rank", "two"], "--rank must be an integer"),
     "missing data file": (lambda d: ["--data-files", str(d / "missing.txt")], "missing.txt' not found"),
-    "8-bit quantization": (lambda d: ["--quantization", "8bit"], "8bit is not supported"),
+    "8-bit quantization": (lambda d: ["--quantization", "8bit"], "8-bit quantization is not supported"),
+    "unknown quantization": (lambda d: ["--quantize", "2bit"], "Unknown quantization '2bit'"),
     "unknown config key": (lambda d: ["--config", _write(d / "a.yaml", "learning_rat: 0.1\n")],
                            "unknown config key 'learning_rat'"),
     "wrong config type": (lambda d: ["--config", _write(d / "b.yaml", "rank: '8'\n")],
@@ -137,6 +136,18 @@ BAD_INPUTS = {
     "missing config file": (lambda d: ["--config", str(d / "none.yaml")], "none.yaml' not found"),
     "missing model folder": (lambda d: ["--model-name-or-path", str(d / "no-model")], "no-model' not found"),
     "resume without a checkpoint": (lambda d: ["--resume"], "no complete checkpoint"),
+    "positional template field": (
+        lambda d: ["--data-files", _write(d / "r.jsonl", '{"q": "to be"}\n' * 40), "--text-template", "Q: {}"],
+        "text_template fields must be record field names",
+    ),
+    "attribute in a template field": (
+        lambda d: ["--data-files", _write(d / "r.jsonl", '{"q": "to be"}\n' * 40), "--text-template", "{q.x}"],
+        "['q.x']",
+    ),
+    "unbalanced template brace": (
+        lambda d: ["--data-files", _write(d / "r.jsonl", '{"q": "to be"}\n' * 40), "--text-template", "{q"],
+        "not a valid format string",
+    ),
 }
 
 
@@ -163,6 +174,16 @@ def test_output_dir_holding_another_run_is_refused_then_replaced_with_overwrite(
     assert main(_argv(tiny, out, "--overwrite")) == 0
     assert not (out / "checkpoint-7").exists()
     assert (out / "metrics.json").is_file()
+
+
+def test_overwrite_leaves_no_model_file_of_the_previous_run(tiny, tmp_path):
+    out = tmp_path / "out"
+    assert main(_argv(tiny, out, "--method", "full")) == 0
+    assert (out / "model.safetensors").is_file()
+    (out / "notes.txt").write_text("kept")  # not something a run writes
+    assert main(_argv(tiny, out, "--method", "loft", "--overwrite")) == 0
+    assert not (out / "model.safetensors").exists()
+    assert (out / "adapter_model.safetensors").is_file() and (out / "notes.txt").read_text() == "kept"
 
 
 def test_fp16_on_a_machine_without_cuda_is_refused(tiny, tmp_path, capsys):
@@ -214,7 +235,7 @@ def test_resume_with_a_different_training_setup_is_refused(tiny, tmp_path, capsy
 
 
 # ------------------------------------------------------------------------------------------------- other tasks
-def test_image_classification_trains_the_adapter_and_the_head(tmp_path):
+def _tiny_vit_and_images(tmp_path, corrupt=False):
     from PIL import Image
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
@@ -229,27 +250,42 @@ def test_image_classification_trains_the_adapter_and_the_head(tmp_path):
         (tmp_path / "images" / label).mkdir(parents=True)
         for i in range(6):
             path = tmp_path / "images" / label / f"{i}.png"
-            Image.new("RGB", (40, 40), tuple(c + 5 * i for c in colour)).save(path)
+            if corrupt:
+                path.write_bytes(b"not a PNG file")
+            else:
+                Image.new("RGB", (40, 40), tuple(c + 5 * i for c in colour)).save(path)
             files.append(str(path))
-
-    out = tmp_path / "out"
-    targets = load_config(CONFIGS / "vit_base_image_classification.yaml").target_modules
-    argv = ["--task", "image-classification", "--model-name-or-path", str(model_dir), "--data-files", *files,
-            "--target-modules", *targets,
+    return ["--task", "image-classification", "--model-name-or-path", str(model_dir), "--data-files", *files,
             "--eval-fraction", "0.25", "--max-steps", "2", "--eval-steps", "2", "--save-steps", "2",
-            "--per-device-train-batch-size", "4", "--eval-on-start", "false", "--output-dir", str(out)]
-    assert main(argv) == 0
+            "--per-device-train-batch-size", "4", "--eval-on-start", "false"]
+
+
+def test_image_classification_trains_the_adapter_on_the_default_vit_targets_and_the_head(tmp_path):
+    out = tmp_path / "out"
+    assert main(_tiny_vit_and_images(tmp_path) + ["--output-dir", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0
     saved = load_file(out / "adapter_model.safetensors")
-    assert any("loft_A" in k for k in saved) and any("classifier" in k for k in saved)
+    # The default targets: Q, K, V and the three dense layers of each of the 2 blocks, whatever transformers names them.
+    assert len([k for k in saved if "loft_A" in k]) == 2 * 6
+    assert any("classifier" in k for k in saved)
+
+
+def test_images_that_cannot_be_preprocessed_give_one_line_error_and_write_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = _tiny_vit_and_images(tmp_path, corrupt=True) + ["--output-dir", str(out)]
+    capsys.readouterr()  # the set-up's own progress bars
+    assert main(argv) == 2
+    # The error is one line, after the progress bars of the data loading that preceded it.
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("loft-train: error: could not preprocess the first training example")
+    assert "cannot identify image file" in last
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("method", ["lora", "loft"])
 def test_adapter_on_a_4bit_base_model_trains(tiny, tmp_path, method):
     pytest.importorskip("bitsandbytes")
-    if method == "loft":
-        pytest.importorskip("loft_peft.quantization")
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     # bitsandbytes quantizes in blocks of 64 inputs, so the layers need at least 64 input features.

@@ -9,7 +9,15 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels, maths
-from .base import MOVE_A, MOVE_B, LoftOptimizerBase, check_common_hyperparameters, maths_dtype, stack_factors
+from .base import (
+    MOVE_A,
+    MOVE_B,
+    LoftOptimizerBase,
+    grad_or_zeros,
+    check_common_hyperparameters,
+    maths_dtype,
+    stack_factors,
+)
 
 VARIANTS = ("full", "simple")
 
@@ -22,8 +30,9 @@ class LoftAdamW(LoftOptimizerBase):
     1. scales both factor gradients by the other factor's inverse Gram matrix (block 2, eq. 5);
     2. carries both first moments into the current subspaces (block 3, eq. 7) and, for ``variant="full"``, the packed
        second-moment cross terms too (block 4, eqs. 11-12);
-    3. moves one factor (block 1; B first, as it starts at zero) by the full-space Adam update rebuilt from the moments
-       and projected back onto the factor (block 5, eq. 13), after decoupled weight decay ``U <- (1 - lr wd) U``.
+    3. moves one factor (block 1) by the full-space Adam update rebuilt from the moments and projected back onto the
+       factor (block 5, eq. 13), after decoupled weight decay ``U <- (1 - lr wd) U``. B moves first: Algorithm 1
+       starts with A, but while B = 0 (LoRA's initialisation) A's gradient and step are zero.
 
     With ``r = m = n`` and full-rank factors this is ``torch.optim.AdamW`` on ``W = W0 + U V^T``.
     Use :meth:`clip_grad_norm_` before :meth:`step` for the paper's effective-gradient clipping (block 6).
@@ -242,8 +251,8 @@ class LoftAdamW(LoftOptimizerBase):
         # the stacked A's. One pair needs no copy at all (every read below happens before the factors are written).
         u = stack_factors(b_params, dtype)  # (L, m, r)
         v = stack_factors(a_params, dtype).transpose(1, 2)  # (L, n, r)
-        grad_u = stack_factors([_grad_or_zeros(b) for b in b_params], dtype)
-        grad_v = stack_factors([_grad_or_zeros(a) for a in a_params], dtype).transpose(1, 2)
+        grad_u = stack_factors([grad_or_zeros(b) for b in b_params], dtype)
+        grad_v = stack_factors([grad_or_zeros(a) for a in a_params], dtype).transpose(1, 2)
 
         # Which factors changed since the last step (the one that moved); an unchanged factor needs no calibration
         # and keeps its Gram pseudo-inverse from the last step.
@@ -361,10 +370,6 @@ class _StackedState:
         if sum(1 for b, _ in bucket if state.get(b)) != len(self.members):
             return False
         return all(state.get(p) is d for p, d in self.state_dicts) and all(d.get(n) is v for d, n, v in self.bound)
-
-
-def _grad_or_zeros(param: Tensor) -> Tensor:
-    return param.grad if param.grad is not None else torch.zeros_like(param)
 
 
 def _compare(prev: Tensor, current: Tensor) -> tuple[bool, Tensor | None]:

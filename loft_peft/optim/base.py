@@ -210,10 +210,10 @@ class LoftOptimizerBase(torch.optim.Optimizer):
             # The moving factor's gradient, and the other factor y whose Gram matrix scales it (U = B, V = A^T),
             # stacked exactly as the step stacks them, so that the step can reuse the pseudo-inverse bit for bit.
             if side == "B":
-                grad = stack_factors([_grad_or_zeros(b) for b, _ in pairs], dtype)
+                grad = stack_factors([grad_or_zeros(b) for b, _ in pairs], dtype)
                 other = stack_factors([a for _, a in pairs], dtype).transpose(1, 2)
             else:
-                grad = stack_factors([_grad_or_zeros(a) for _, a in pairs], dtype).transpose(1, 2)
+                grad = stack_factors([grad_or_zeros(a) for _, a in pairs], dtype).transpose(1, 2)
                 other = stack_factors([b for b, _ in pairs], dtype)
             other_pinv = kernels.gram_pinv(other)
             self._caches()["gram_pinv"][tuple(map(id, (a if side == "B" else b for b, a in pairs)))] = (
@@ -302,7 +302,9 @@ class LoftOptimizerBase(torch.optim.Optimizer):
         that would round the fp32 moments and cross terms on every resume. The saved tensors are put back as saved.
         """
         saved = {index: dict(values) for index, values in state_dict["state"].items()}
-        self._caches()["gram_pinv"].clear()
+        # Every cache refers to the state being replaced (the stacked state would otherwise stay alive beside the
+        # loaded one): drop them all; they are rebuilt on the next step.
+        self.__dict__.pop("_loft_caches", None)
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
         for index, values in saved.items():
@@ -313,7 +315,8 @@ class LoftOptimizerBase(torch.optim.Optimizer):
                     self.state[param][key] = value.to(device=device, dtype=value.dtype, copy=True)
 
 
-def _grad_or_zeros(param: Tensor) -> Tensor:
+def grad_or_zeros(param: Tensor) -> Tensor:
+    """The parameter's gradient, or zeros where it got none (a pair that still steps with its moments)."""
     return param.grad if param.grad is not None else torch.zeros_like(param)
 
 

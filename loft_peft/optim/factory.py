@@ -61,6 +61,9 @@ def loft_param_groups(model: nn.Module, **factor_group_options: Any) -> list[dic
 
 
 OPTIMIZERS = ("adamw", "muon")
+# Options create_loft_optimizer passes on to each optimizer class, beyond the ones every optimizer takes.
+ADAMW_OPTIONS = ("foreach", "compile")
+MUON_OPTIONS = ("momentum", "nesterov", "ns_steps", "scale", "adamw_lr")
 
 
 def create_loft_optimizer(
@@ -74,7 +77,7 @@ def create_loft_optimizer(
     variant: str = "full",
     alternate: bool = True,
     calibrate: bool = True,
-    **muon_options: Any,
+    **options: Any,
 ) -> torch.optim.Optimizer:
     """Create the LoFT optimizer for a model wrapped with a :class:`~loft_peft.LoftConfig`.
 
@@ -89,7 +92,15 @@ def create_loft_optimizer(
         variant: ``"full"`` (LoFT) or ``"simple"`` (LoFT-simple); AdamW only.
         alternate: move one factor per step (block 1); ``False`` is the no-alternation ablation.
         calibrate: carry moments across subspace changes (blocks 3-4); ``False`` is the no-calibration ablation.
-        **muon_options: for ``optimizer="muon"``: ``momentum``, ``nesterov``, ``ns_steps``, ``adamw_lr``, ...
+        **options: passed to the optimizer class.
+
+            * ``optimizer="adamw"`` (:class:`LoftAdamW`): ``foreach`` (default ``True``: the batched fast path;
+              ``False``: the per-layer reference path) and ``compile`` (default ``False``: ``torch.compile`` the
+              elementwise part of the fast path).
+            * ``optimizer="muon"`` (:class:`LoftMuon`): ``momentum`` (default 0.95), ``nesterov`` (``False``),
+              ``ns_steps`` (5 Newton-Schulz iterations), ``scale`` (``"rms"``, the default, so AdamW learning
+              rates carry over; ``"spectral"`` or ``"none"`` for Muon rates of about 0.02) and ``adamw_lr`` (the
+              rate of the parameters that get AdamW; default ``lr``).
 
     Returns:
         A :class:`LoftAdamW` or :class:`LoftMuon`.
@@ -97,11 +108,18 @@ def create_loft_optimizer(
     Raises:
         ValueError: an unknown optimizer or variant, a bad hyperparameter, no LoFT layer in the model, or a
             distributed set-up that breaks the factor pairs (DeepSpeed, FSDP1).
+        TypeError: an option the chosen optimizer does not have.
     """
     check_distributed_setup()
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}.")
+    allowed = ADAMW_OPTIONS if optimizer == "adamw" else MUON_OPTIONS
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(
+            f"Unexpected options for optimizer={optimizer!r}: {unknown}; it takes {sorted(allowed)}."
+        )
     if optimizer == "adamw":
-        if muon_options:
-            raise TypeError(f"Unexpected options for optimizer='adamw': {sorted(muon_options)}.")
         from .adamw import LoftAdamW
 
         return LoftAdamW(
@@ -113,20 +131,19 @@ def create_loft_optimizer(
             variant=variant,
             alternate=alternate,
             calibrate=calibrate,
+            **options,
         )
-    if optimizer == "muon":
-        if variant != "full":
-            raise ValueError("LoFT-Muon has no 'simple' variant; leave `variant` at its default.")
-        from .muon import LoftMuon
+    if variant != "full":
+        raise ValueError("LoFT-Muon has no 'simple' variant; leave `variant` at its default.")
+    from .muon import LoftMuon
 
-        return LoftMuon(
-            loft_param_groups(model),
-            lr=lr,
-            adamw_betas=betas,
-            adamw_eps=eps,
-            weight_decay=weight_decay,
-            alternate=alternate,
-            calibrate=calibrate,
-            **muon_options,
-        )
-    raise ValueError(f"Unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}.")
+    return LoftMuon(
+        loft_param_groups(model),
+        lr=lr,
+        adamw_betas=betas,
+        adamw_eps=eps,
+        weight_decay=weight_decay,
+        alternate=alternate,
+        calibrate=calibrate,
+        **options,
+    )

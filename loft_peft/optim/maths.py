@@ -328,6 +328,10 @@ def newton_schulz_lowrank(
     ``L = left^T left`` is the same algebra as ``X <- a X + (b A + c A^2) X`` for ``A = X X^T``. Because
     ``(X X^T)^j X = X (X^T X)^j``, the dense iteration on ``X`` or on ``X^T`` gives the same matrix, so no flip is needed.
 
+    Kept as the paper's algorithm and a test reference; :class:`~loft_peft.LoftMuon` uses
+    :func:`projected_muon_direction` instead. In fp32 this form loses accuracy when ``left`` and ``right`` are badly
+    conditioned against each other (their Gram matrices are multiplied as they are; see there).
+
     Args:
         left: (m, r), e.g. the momentum ``m^U``.
         right: (n, r), e.g. ``V``.

@@ -27,7 +27,9 @@ DEFAULT_TARGET_MODULES: dict[str, Union[list[str], str]] = {
     # not `attention.output.dense`), as a regular expression because the two share a suffix.
     "bert": r".*\.(query|key|value|intermediate\.dense|layer\.\d+\.output\.dense)$",
     "roberta": r".*\.(query|key|value|intermediate\.dense|layer\.\d+\.output\.dense)$",
-    "vit": ["query", "key", "value", "dense"],
+    # ViT: Q, K, V and the dense layers (attention output, MLP up and down), under transformers 5's names (q_proj,
+    # ..., o_proj, fc1, fc2) and the earlier ones (query, key, value, every `dense`).
+    "vit": ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2", "query", "key", "value", "dense"],
 }
 
 
