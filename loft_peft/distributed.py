@@ -201,7 +201,7 @@ def check_factor_layout(optimizer: torch.optim.Optimizer) -> None:
     optimizer.__dict__[_CHECKED] = layout
 
 
-# ================================================================================================ FSDP2 helpers
+# ================================================================================================ FSDP2 support
 def average_gradients_across_processes(
     model_or_params: nn.Module | Iterable[nn.Parameter], *, group: Any | None = None
 ) -> list[Any]:
