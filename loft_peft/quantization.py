@@ -27,8 +27,6 @@ from .tuner.config import LoftConfig
 
 BNB_INSTALL = 'pip install bitsandbytes  (or: pip install "loft-peft[bnb]")'
 QUANT_TYPES = ("nf4", "fp4")
-# What a training config may ask for; `None` means an unquantized model.
-QUANTIZATIONS = (None, "4bit")
 
 _DTYPES = {
     "bf16": torch.bfloat16,

@@ -54,9 +54,9 @@ class LoftMuon(LoftOptimizerBase):
     1. scales both factor gradients by the other factor's inverse Gram matrix (block 2, eq. 5);
     2. carries both momenta into the current subspaces and adds the scaled gradients,
        ``m^U <- mu m^U C^V + g~_U`` (block 3; Algorithm 5, lines 13-14);
-    3. moves one factor (block 1; B first, as it starts at zero) by the low-rank Newton-Schulz orthogonalisation of the
-       full-space momentum ``m~ = m^U V^T`` in an r x r core (like Algorithm 4, but on orthonormal QR factors instead of its Gram matrices, for fp32 accuracy:
-       :func:`~loft_peft.optim.maths.projected_muon_direction`),
+    3. moves one factor (block 1; B first, as in :class:`LoftAdamW`) by the low-rank Newton-Schulz orthogonalisation
+       of the full-space momentum ``m~ = m^U V^T`` in an r x r core (like Algorithm 4, but on orthonormal QR factors
+       instead of its Gram matrices, for fp32 accuracy: :func:`~loft_peft.optim.maths.projected_muon_direction`),
        after decoupled weight decay: ``U <- (1 - lr wd) U - lr * scale * D_U`` with ``D_U V^T = NewtonSchulz5(m~)``.
 
     Seen in the full space, each step changes ``W`` by ``-lr * scale`` times a matrix of rank at most r whose singular
