@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from loft_peft.optim import kernels, maths
+from loft_peft.optim import kernels, maths, native
 from loft_peft.optim.adamw import LoftAdamW
 
 # (out, in, r): r = 1, r > min(m, n) / 2, r = min(m, n), r > min(m, n) (a singular Gram matrix: the pseudo-inverse),
@@ -24,20 +24,26 @@ from loft_peft.optim.adamw import LoftAdamW
 SHAPES = [(64, 48, 1), (64, 48, 4), (48, 64, 8), (20, 12, 7), (12, 9, 9), (12, 9, 11), (33, 17, 16)]
 
 
+BACKENDS = ["native", "onednn", "bmm"]
+
+
 @contextlib.contextmanager
 def _gemm_backend(name):
-    """Use oneDNN's GEMMs (skipping where this PyTorch has none) or torch.bmm inside the block."""
-    saved = kernels.USE_ONEDNN
+    """Use the fused C kernels, oneDNN's GEMMs or torch.bmm for the large work (skipping a backend absent here)."""
+    saved = kernels.USE_ONEDNN, native.USE_NATIVE
     kernels.USE_ONEDNN = None if name == "onednn" else False
+    native.USE_NATIVE = None if name == "native" else False
     try:
         if name == "onednn" and not kernels._onednn_available():
             pytest.skip("this PyTorch build has no usable oneDNN")
+        if name == "native" and not native.enabled():
+            pytest.skip("the native kernels could not be built here (no C compiler?)")
         yield
     finally:
-        kernels.USE_ONEDNN = saved
+        kernels.USE_ONEDNN, native.USE_NATIVE = saved
 
 
-@pytest.fixture(params=["onednn", "bmm"])
+@pytest.fixture(params=BACKENDS)
 def gemm_backend(request):
     with _gemm_backend(request.param):
         yield request.param
@@ -124,7 +130,7 @@ def _ids(options):
 
 @pytest.mark.parametrize(
     "options, backend",
-    [(OPTIONS[0], "bmm")] + [(options, "onednn") for options in OPTIONS],
+    [(OPTIONS[0], "bmm"), (OPTIONS[0], "onednn")] + [(options, "native") for options in OPTIONS],
     ids=lambda x: _ids(x) if isinstance(x, dict) else x,
 )
 def test_fast_path_equals_reference_in_fp32_over_many_steps_and_shapes(options, backend):
@@ -343,8 +349,10 @@ def test_projected_adam_update_applies_the_floor_where_v_cancels():
     torch.testing.assert_close(new[0], expected, rtol=1e-12, atol=1e-12)
 
 
-def test_projected_adam_update_allocates_no_temporary_larger_than_a_block():
-    """With a small block, no single allocation comes near the (k, l) size: the full update never exists whole."""
+def test_projected_adam_update_allocates_no_temporary_larger_than_a_block(gemm_backend):
+    """No single allocation comes near the (k, l) size: the full update never exists whole. The torch paths hold a
+    block of rows (small here) and the (R, l) Khatri-Rao matrix; the native kernels only that matrix and the other
+    factor's (r, l) two, no row block at all."""
     rows, length, rank = 512, 384, 4
     x, exp_avg, cross, y = _direction_inputs(torch.float32, layers=1, rows=rows, length=length, rank=rank)
     pinv = torch.stack([maths.gram_pinv(layer) for layer in y])
@@ -353,5 +361,45 @@ def test_projected_adam_update_allocates_no_temporary_larger_than_a_block():
         kernels.projected_adam_update(x, exp_avg, cross, y, pinv, block_elements=8 * length, **options)
     largest = max(event.cpu_memory_usage for event in profile.events())
     block_bytes = 8 * length * 4
-    assert largest > 0, "the profiler must see the block allocations"
-    assert largest <= 2 * block_bytes < rows * length * 4 // 16
+    column_matrices_bytes = (2 * rank + maths.packed_size(rank)) * (length + 32) * 4  # rows padded for alignment
+    assert largest > 0, "the profiler must see the allocations"
+    assert largest <= max(2 * block_bytes, column_matrices_bytes) < rows * length * 4 // 16
+
+
+@pytest.mark.parametrize("full", [True, False])
+@pytest.mark.parametrize("beta1", [0.9, 0.0])
+@pytest.mark.parametrize("rank, rows", [(1, 9), (5, 37), (16, 131)])
+def test_native_moment_update_equals_the_torch_operations(full, beta1, rank, rows):
+    """Blocks 2-4 in the C kernel (scaled gradient, calibrated first moment, carried cross terms or LoFT-simple's
+    second moment) give what the PyTorch operations give, with and without a calibration, on strided gradients."""
+    if not native.enabled():
+        pytest.skip("the native kernels could not be built here (no C compiler?)")
+    generator = torch.Generator().manual_seed(rank)
+    grad = torch.randn(3, rank, rows, generator=generator).transpose(1, 2)  # V's gradient is a transposed view
+    y = torch.randn(3, 2 * rank + 3, rank, generator=generator)
+    pinv = kernels.gram_pinv(y)
+    calibration = torch.eye(rank) + 0.1 * torch.randn(3, rank, rank, generator=generator)
+    exp_avg = torch.randn(3, rows, rank, generator=generator)
+    second = kernels.packed_outer(torch.randn(3, rows, rank, generator=generator)) if full else torch.rand(3, rows, rank)
+    for calib in (calibration, None):
+        results = {}
+        for backend in ("native", "bmm"):
+            with _gemm_backend(backend):
+                state = exp_avg.clone(), second.clone()
+                kernels.update_moments_(
+                    grad, pinv, calib, *state, beta1=beta1, beta2=0.99, full=full, workspace=kernels.Workspace()
+                )
+                results[backend] = state
+        for got, expected in zip(results["native"], results["bmm"]):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_native_kernels_build_where_a_c_compiler_exists():
+    """On a Linux machine with a C compiler the fused kernels must build and load: a silent fall-back to the PyTorch
+    operations would leave every native test above skipped."""
+    import platform
+
+    if platform.system() != "Linux" or native._compiler() is None:
+        pytest.skip("no C compiler here: the PyTorch operations are used")
+    assert native.library() is not None
+    assert native.enabled()

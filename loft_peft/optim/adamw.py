@@ -261,26 +261,25 @@ class LoftAdamW(LoftOptimizerBase):
         cache = stacked.gram_pinv if whole else None
         pinv_u = self._gram_pinv(b_params, u, cache["u"] if cache is not None and same_u else None)
         pinv_v = self._gram_pinv(a_params, v, cache["v"] if cache is not None and same_v else None)
-        scaled_u = torch.bmm(grad_u, pinv_v)  # block 2
-        scaled_v = torch.bmm(grad_v, pinv_u)
-
         calib_for_u = calib_for_v = None  # block 3
         if group["calibrate"]:
             if not same_v:
                 calib_for_u = _calibration(t["v:prev"], v, pinv_v, same_v_mask)
             if not same_u:
                 calib_for_v = _calibration(t["u:prev"], u, pinv_u, same_u_mask)
-        for side, calib, scaled in (("u", calib_for_u, scaled_u), ("v", calib_for_v, scaled_v)):
-            exp_avg = t[side + ":exp_avg"]
-            carried = exp_avg if calib is None else torch.bmm(exp_avg, calib)
-            if beta1 == 0.0:
-                exp_avg.copy_(scaled)
-            else:
-                torch.lerp(scaled, carried, beta1, out=exp_avg)
-            if full:  # block 4
-                kernels.update_cross_terms_(t[side + ":cross_sq"], calib, kernels.packed_outer(scaled), beta2)
-            else:
-                t[side + ":exp_avg_sq"].mul_(beta2).addcmul_(scaled, scaled, value=1.0 - beta2)
+        workspace = self._caches().setdefault("workspace", kernels.Workspace())
+        for side, grad, pinv, calib in (("u", grad_u, pinv_v, calib_for_u), ("v", grad_v, pinv_u, calib_for_v)):
+            kernels.update_moments_(  # blocks 2-4
+                grad,
+                pinv,
+                calib,
+                t[side + ":exp_avg"],
+                t[side + (":cross_sq" if full else ":exp_avg_sq")],
+                beta1=beta1,
+                beta2=beta2,
+                full=full,
+                workspace=workspace,
+            )
 
         t["u:step"].add_(1.0)
         step += 1.0
@@ -311,7 +310,7 @@ class LoftAdamW(LoftOptimizerBase):
                     other,
                     other_pinv,
                     floor=floor,
-                    workspace=self._caches().setdefault("workspace", kernels.Workspace()),
+                    workspace=workspace,
                     compiled=group.get("compile", False),
                     **options,
                 )

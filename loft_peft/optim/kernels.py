@@ -29,6 +29,8 @@ import warnings
 import torch
 from torch import Tensor
 
+from . import native
+
 # Rows of the (k, l) matrices rebuilt at once per layer: about 4 MB of fp32 per temporary, so a 4096 x 14336 layer
 # steps with a few tens of MB of scratch while a typical layer (up to ~1M weights) is done in one block. Smaller
 # blocks keep the elementwise passes in L2 but pay ~10 calls per block; on 2-core CPUs one big block was faster.
@@ -159,6 +161,51 @@ def packed_congruence(calibration: Tensor) -> Tensor:
     return packed_congruence_rows(calibration).transpose(1, 2)
 
 
+def update_moments_(
+    grad: Tensor,
+    other_gram_pinv: Tensor,
+    calibration: Tensor | None,
+    exp_avg: Tensor,
+    second: Tensor,
+    *,
+    beta1: float,
+    beta2: float,
+    full: bool,
+    workspace: Workspace,
+) -> None:
+    """Blocks 2-4 for one side of L pairs, in place; the moving factor's ``x`` (L, k, r) gradient is ``grad``.
+
+    ``g~ = g (y^T y)^+`` (:func:`maths.scaled_gradient`), ``m <- lerp(g~, m C, beta1)``
+    (:func:`maths.update_first_moment`), and with ``full`` ``second``'s packed cross terms (L, k, R) carried by
+    :func:`update_cross_terms_`, else ``second`` is Adam's elementwise second moment of ``g~`` (L, k, r), as LoFT-simple
+    keeps it. ``calibration`` (L, r, r) or ``None`` for the identity.
+    """
+    if native.usable(grad):
+        size = native.update_moments_scratch_size(grad.shape[0], grad.shape[-1])
+        native.update_moments_(
+            grad,
+            other_gram_pinv,
+            calibration,
+            exp_avg,
+            second,
+            beta1=beta1,
+            beta2=beta2,
+            full=full,
+            scratch=workspace.get("native_moments", (size,), grad),
+        )
+        return
+    scaled = torch.bmm(grad, other_gram_pinv)
+    carried = exp_avg if calibration is None else torch.bmm(exp_avg, calibration)
+    if beta1 == 0.0:
+        exp_avg.copy_(scaled)
+    else:
+        torch.lerp(scaled, carried, beta1, out=exp_avg)
+    if full:
+        update_cross_terms_(second, calibration, packed_outer(scaled), beta2)
+    else:
+        second.mul_(beta2).addcmul_(scaled, scaled, value=1.0 - beta2)
+
+
 def update_cross_terms_(cross: Tensor, calibration: Tensor | None, outer: Tensor, beta2: float) -> None:
     """:func:`maths.update_cross_terms` in place for a batch: ``cross <- lerp(outer, cross (C ⊗ C), beta2)`` (eq. 11).
 
@@ -283,6 +330,22 @@ def projected_adam_update(
     scale_first = math.sqrt(floor) if floor > 0.0 else 1.0
     kappa = math.sqrt(bias_correction2) / (scale_first * bias_correction1)
     eps_scaled = eps * math.sqrt(bias_correction2)
+    if native.usable(x):
+        size = native.projected_adam_scratch_size(layers, length, x.shape[-1])
+        new = native.projected_adam_update(
+            x,
+            exp_avg,
+            cross,
+            y,
+            y_gram_pinv,
+            decay=decay,
+            first_scale=scale_first,
+            projector_scale=-lr * kappa,
+            eps=eps_scaled,
+            floored=floor > 0.0,
+            scratch=workspace.get("native", (size,), x),
+        )
+        return list(new.unbind(0))
     y_t = y.transpose(1, 2)
     first_cols = y_t * scale_first if scale_first != 1.0 else y_t  # (L, r, l): m~ = m @ first_cols
     second_cols = packed_khatri_rao(y_t)  # (L, R, l): v~ = p @ second_cols

@@ -1,0 +1,396 @@
+/* Fused CPU kernels for the LoFT-AdamW step (fp32), built on first use by loft_peft/optim/native.py.
+ *
+ * Each function computes what a function of loft_peft/optim/kernels.py computes for L same-shape layers (named in its
+ * comment), differing only in fp32 rounding; tests/test_fast_path.py checks them against the reference maths.
+ * The speed comes from doing a row block's whole computation while it is in the L1/L2 cache: the (k, l) matrices of
+ * block 5 exist only as 4 x 64 register tiles, and the cross-term carry (eq. 11) runs row block by row block beside
+ * the first-moment update, instead of a dozen passes of separate PyTorch operations over memory.
+ *
+ * Shapes (per layer, C order): x, exp_avg (k, r); cross (k, R), R = r (r + 1) / 2 in torch.triu_indices order;
+ * y (l, r); Gram pseudo-inverses and calibration matrices (r, r). Tensors that may be transposed views (the factors
+ * and their gradients) come with explicit strides in elements.
+ *
+ * Written with GCC vector extensions (compiled with -march=native, so the 16-float vectors map to one AVX-512
+ * register or two AVX2 ones), OpenMP over row blocks, no other dependency.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define VEC 16         /* floats per vector */
+#define TILE_ROWS 4    /* rows of a register tile */
+#define TILE_VECS 4    /* vectors (of VEC columns) of a register tile */
+#define CHUNK_ROWS 32  /* rows a thread takes at once */
+#define COLUMN_BLOCK 256 /* columns of the (R, l) matrix kept in L2 while a chunk's rows pass over them */
+
+typedef float vf __attribute__((vector_size(64)));
+typedef float vf_unaligned __attribute__((vector_size(64), aligned(4), may_alias));
+typedef int vi __attribute__((vector_size(64)));
+
+static inline vf load(const float *p) { return *(const vf_unaligned *)p; }
+static inline void store(float *p, vf x) { *(vf_unaligned *)p = x; }
+static inline vf splat(float x) { return (vf){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+
+static inline float hsum(vf x) {
+    float s = 0.0f;
+    for (int i = 0; i < VEC; i++) s += x[i];
+    return s;
+}
+
+static inline vf vsqrt(vf x) {
+    vf r;
+#pragma GCC unroll 16
+    for (int i = 0; i < VEC; i++) r[i] = __builtin_sqrtf(x[i]);
+    return r;
+}
+
+/* max(a, b) that keeps a NaN of either side, as torch.maximum does. */
+static inline vf vmax(vf a, vf b) {
+    vi pick_a = (a > b) | (a != a);
+    return (vf)((pick_a & (vi)a) | (~pick_a & (vi)b));
+}
+
+static inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* ------------------------------------------------------------------------------------------------------------------
+ * Block 5: kernels.projected_adam_update.
+ *
+ * For rows i of x: new_x[i] = decay x[i] + sum_j D[i, j] projector[:, j], with
+ *   first  = m[i] . first_cols[:, j]         (a m~, first_cols = a y^T)
+ *   second = p[i] . second_cols[:, j]        (v~, second_cols = the packed Khatri-Rao product, eq. 12)
+ *   D      = first / (sqrt(max(second, first^2 or 0)) + eps)
+ *   projector = scale (y^T y)^+ y^T          (scale = -lr sqrt(bc2) / (a bc1), see kernels.projected_adam_update)
+ * ------------------------------------------------------------------------------------------------------------------ */
+
+/* One register tile: BR rows from row pointer m / p, JV vectors of columns from column j. Adds the tile's share of
+ * sum_j D[i, j] projector[b, j] to the vector partial sums partial[i * rank + b]. */
+static inline __attribute__((always_inline)) void adam_tile(
+    const int BR, const int JV, int64_t j, int64_t rank, int64_t packed, int64_t ld,
+    const float *m, const float *p, const float *first_cols, const float *second_cols, const float *projector,
+    vf *partial, float eps, int floored)
+{
+    vf s[TILE_ROWS][TILE_VECS];
+#pragma GCC unroll 4
+    for (int i = 0; i < BR; i++)
+#pragma GCC unroll 4
+        for (int v = 0; v < JV; v++) s[i][v] = splat(0.0f);
+    for (int64_t q = 0; q < packed; q++) {
+        const float *row = second_cols + q * ld + j;
+        vf c[TILE_VECS];
+#pragma GCC unroll 4
+        for (int v = 0; v < JV; v++) {
+            c[v] = load(row + v * VEC);
+            __asm__("" : "+v"(c[v])); /* keep the loaded vectors in registers instead of reloading them per row */
+        }
+#pragma GCC unroll 4
+        for (int i = 0; i < BR; i++) {
+            vf w = splat(p[i * packed + q]);
+#pragma GCC unroll 4
+            for (int v = 0; v < JV; v++) s[i][v] += w * c[v];
+        }
+    }
+    const vf zero = splat(0.0f), veps = splat(eps);
+#pragma GCC unroll 4
+    for (int i = 0; i < BR; i++) {
+        vf f[TILE_VECS];
+#pragma GCC unroll 4
+        for (int v = 0; v < JV; v++) f[v] = zero;
+        for (int64_t a = 0; a < rank; a++) {
+            vf w = splat(m[i * rank + a]);
+            const float *row = first_cols + a * ld + j;
+#pragma GCC unroll 4
+            for (int v = 0; v < JV; v++) f[v] += w * load(row + v * VEC);
+        }
+#pragma GCC unroll 4
+        for (int v = 0; v < JV; v++) {
+            vf bound = floored ? vmax(s[i][v], f[v] * f[v]) : vmax(s[i][v], zero);
+            s[i][v] = f[v] / (vsqrt(bound) + veps);
+        }
+    }
+    for (int64_t b = 0; b < rank; b++) {
+        const float *row = projector + b * ld + j;
+        vf c[TILE_VECS];
+#pragma GCC unroll 4
+        for (int v = 0; v < JV; v++) c[v] = load(row + v * VEC);
+#pragma GCC unroll 4
+        for (int i = 0; i < BR; i++) {
+            vf t = partial[i * rank + b];
+#pragma GCC unroll 4
+            for (int v = 0; v < JV; v++) t += s[i][v] * c[v];
+            partial[i * rank + b] = t;
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void adam_rows(
+    const int BR, int64_t j0, int64_t j1, int64_t rank, int64_t packed, int64_t ld,
+    const float *m, const float *p, const float *first_cols, const float *second_cols, const float *projector,
+    vf *partial, float eps, int floored)
+{
+    int64_t j = j0;
+    for (; j + TILE_VECS * VEC <= j1; j += TILE_VECS * VEC)
+        adam_tile(BR, TILE_VECS, j, rank, packed, ld, m, p, first_cols, second_cols, projector, partial, eps,
+                  floored);
+    for (; j < j1; j += VEC)
+        adam_tile(BR, 1, j, rank, packed, ld, m, p, first_cols, second_cols, projector, partial, eps, floored);
+}
+
+/* Columns [j0, j1) of the three matrices of one layer, from y (strided) and (y^T y)^+: first_cols (r, ld),
+ * second_cols (R, ld), projector (r, ld). Columns [l, j1) are zero, so they add nothing (there
+ * first = second = 0 and D = 0). Row by row, so that every write is a contiguous run. */
+static void build_columns(
+    int64_t j0, int64_t j1, int64_t length, int64_t rank, int64_t ld, const float *y, int64_t y_row,
+    int64_t y_col, const float *pinv, float first_scale, float projector_scale, float *first_cols,
+    float *second_cols, float *projector)
+{
+    for (int64_t a = 0; a < rank; a++) {
+        float *row = first_cols + a * ld;
+        for (int64_t j = j0; j < j1; j++) row[j] = j < length ? y[j * y_row + a * y_col] : 0.0f;  /* y^T for now */
+    }
+    int64_t q = 0;
+    for (int64_t s = 0; s < rank; s++)
+        for (int64_t t = s; t < rank; t++, q++) {
+            const float *ys = first_cols + s * ld, *yt = first_cols + t * ld;
+            const float weight = s == t ? 1.0f : 2.0f;
+            float *row = second_cols + q * ld;
+            for (int64_t j = j0; j < j1; j++) row[j] = yt[j] * weight * ys[j];
+        }
+    for (int64_t b = 0; b < rank; b++) {
+        float *row = projector + b * ld;
+        for (int64_t j = j0; j < j1; j++) row[j] = 0.0f;
+        for (int64_t a = 0; a < rank; a++) {
+            const float w = pinv[b * rank + a], *ya = first_cols + a * ld;
+            for (int64_t j = j0; j < j1; j++) row[j] += w * ya[j];
+        }
+        for (int64_t j = j0; j < j1; j++) row[j] *= projector_scale;
+    }
+    for (int64_t a = 0; a < rank; a++) {
+        float *row = first_cols + a * ld;
+        for (int64_t j = j0; j < j1; j++) row[j] *= first_scale;
+    }
+}
+
+/* Leading dimension of the (., l) column matrices: l rounded up to whole vectors, plus one vector so that their
+ * rows do not all fall into the same L1 cache sets when l is a multiple of a large power of two. */
+static inline int64_t column_stride(int64_t length) { return round_up(length, VEC) + VEC; }
+
+int64_t loft_projected_adam_scratch(int64_t layers, int64_t length, int64_t rank) {
+    return layers * (2 * rank + rank * (rank + 1) / 2) * column_stride(length);
+}
+
+/* rank <= 256. scratch: loft_projected_adam_scratch(...) floats. out: (L, rows, rank), C order. */
+void loft_projected_adam(
+    int threads, int64_t layers, int64_t rows, int64_t length, int64_t rank,
+    const float *x, int64_t x_layer, int64_t x_row, int64_t x_col,
+    const float *exp_avg, const float *cross,
+    const float *y, int64_t y_layer, int64_t y_row, int64_t y_col,
+    const float *pinv, float decay, float first_scale, float projector_scale, float eps, int floored,
+    float *scratch, float *out)
+{
+    const int64_t packed = rank * (rank + 1) / 2, padded = round_up(length, VEC), ld = column_stride(length);
+    const int64_t per_layer = (2 * rank + packed) * ld;
+    const int64_t chunks = (rows + CHUNK_ROWS - 1) / CHUNK_ROWS;
+    const int64_t column_chunks = (padded + 255) / 256;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < layers * column_chunks; task++) {
+            const int64_t layer = task / column_chunks, j0 = (task % column_chunks) * 256;
+            float *base = scratch + layer * per_layer;
+            build_columns(j0, min64(j0 + 256, padded), length, rank, ld, y + layer * y_layer, y_row, y_col,
+                          pinv + layer * rank * rank, first_scale, projector_scale, base, base + rank * ld,
+                          base + (rank + packed) * ld);
+        }
+        vf *partial = aligned_alloc(64, (size_t)CHUNK_ROWS * rank * sizeof(vf));
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < layers * chunks; task++) {
+            const int64_t layer = task / chunks, start = (task % chunks) * CHUNK_ROWS;
+            const int64_t stop = min64(start + CHUNK_ROWS, rows);
+            const float *m = exp_avg + layer * rows * rank;
+            const float *p = cross + layer * rows * packed;
+            const float *first_cols = scratch + layer * per_layer;
+            const float *second_cols = first_cols + rank * ld;
+            const float *projector = second_cols + packed * ld;
+            for (int64_t e = 0; e < (stop - start) * rank; e++) partial[e] = splat(0.0f);
+            for (int64_t j0 = 0; j0 < padded; j0 += COLUMN_BLOCK) {
+                const int64_t j1 = min64(j0 + COLUMN_BLOCK, padded);
+                int64_t i = start;
+                for (; i + TILE_ROWS <= stop; i += TILE_ROWS)
+                    adam_rows(TILE_ROWS, j0, j1, rank, packed, ld, m + i * rank, p + i * packed, first_cols,
+                              second_cols, projector, partial + (i - start) * rank, eps, floored);
+                for (; i < stop; i++)
+                    adam_rows(1, j0, j1, rank, packed, ld, m + i * rank, p + i * packed, first_cols, second_cols,
+                              projector, partial + (i - start) * rank, eps, floored);
+            }
+            const float *x_layer_ptr = x + layer * x_layer;
+            float *o = out + layer * rows * rank;
+            for (int64_t i = start; i < stop; i++)
+                for (int64_t b = 0; b < rank; b++)
+                    o[i * rank + b] = decay * x_layer_ptr[i * x_row + b * x_col] + hsum(partial[(i - start) * rank + b]);
+        }
+        free(partial);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------------------------
+ * Blocks 2-4 for one side: the scaled gradient (eq. 5), the calibrated first moment (eq. 7) and second-moment state,
+ * in place. kernels/adamw: torch.bmm(grad, other_pinv), the lerp of the first moment, kernels.update_cross_terms_
+ * ("full") or Adam's elementwise second moment of the scaled gradient ("simple").
+ *
+ *   g~ = g (y^T y)^+
+ *   m  <- lerp(g~, m C, beta1)                          (C = I when calibration is NULL; m <- g~ when beta1 = 0)
+ *   full:   p <- lerp(g~ . g~, p T(C), beta2)           (T(C) = kernels.packed_congruence(C), T = I without C)
+ *   simple: v <- beta2 v + (1 - beta2) g~^2
+ * ------------------------------------------------------------------------------------------------------------------ */
+
+/* T(C)[(s,t), (a,b)] = C[s,a] C[t,b] + [s < t] C[t,a] C[s,b], rows of `padded` floats (zero beyond R). */
+static void build_congruence(int64_t rank, int64_t padded, const float *c, float *out) {
+    int64_t row = 0;
+    for (int64_t s = 0; s < rank; s++)
+        for (int64_t t = s; t < rank; t++, row++) {
+            float *o = out + row * padded;
+            int64_t col = 0;
+            for (int64_t a = 0; a < rank; a++)
+                for (int64_t b = a; b < rank; b++, col++)
+                    o[col] = c[s * rank + a] * c[t * rank + b] + (s < t ? c[t * rank + a] * c[s * rank + b] : 0.0f);
+            for (; col < padded; col++) o[col] = 0.0f;
+        }
+}
+
+/* carried[i, :] = p[i, :] T for BR rows, into `carried` (BR rows of `padded` floats). */
+static inline __attribute__((always_inline)) void congruence_rows(
+    const int BR, int64_t packed, int64_t padded, const float *p, const float *congruence, float *carried)
+{
+    int64_t j = 0;
+    for (; j + TILE_VECS * VEC <= padded; j += TILE_VECS * VEC) {
+        vf s[TILE_ROWS][TILE_VECS];
+#pragma GCC unroll 4
+        for (int i = 0; i < BR; i++)
+#pragma GCC unroll 4
+            for (int v = 0; v < TILE_VECS; v++) s[i][v] = splat(0.0f);
+        for (int64_t q = 0; q < packed; q++) {
+            vf c[TILE_VECS];
+#pragma GCC unroll 4
+            for (int v = 0; v < TILE_VECS; v++) {
+                c[v] = load(congruence + q * padded + j + v * VEC);
+                __asm__("" : "+v"(c[v]));
+            }
+#pragma GCC unroll 4
+            for (int i = 0; i < BR; i++) {
+                vf w = splat(p[i * packed + q]);
+#pragma GCC unroll 4
+                for (int v = 0; v < TILE_VECS; v++) s[i][v] += w * c[v];
+            }
+        }
+#pragma GCC unroll 4
+        for (int i = 0; i < BR; i++)
+#pragma GCC unroll 4
+            for (int v = 0; v < TILE_VECS; v++) store(carried + i * padded + j + v * VEC, s[i][v]);
+    }
+    for (; j < padded; j += VEC) {
+        vf s[TILE_ROWS];
+#pragma GCC unroll 4
+        for (int i = 0; i < BR; i++) s[i] = splat(0.0f);
+        for (int64_t q = 0; q < packed; q++) {
+            vf c = load(congruence + q * padded + j);
+#pragma GCC unroll 4
+            for (int i = 0; i < BR; i++) s[i] += splat(p[i * packed + q]) * c;
+        }
+#pragma GCC unroll 4
+        for (int i = 0; i < BR; i++) store(carried + i * padded + j, s[i]);
+    }
+}
+
+static inline float lerp(float start, float end, float weight) {
+    /* torch.lerp: start + weight (end - start), computed from the nearer end as ATen does */
+    return fabsf(weight) < 0.5f ? start + weight * (end - start) : end - (end - start) * (1.0f - weight);
+}
+
+int64_t loft_update_moments_scratch(int64_t layers, int64_t rank) {
+    const int64_t packed = rank * (rank + 1) / 2;
+    return layers * packed * round_up(packed, VEC);
+}
+
+/* rank <= 256. full: second = cross (L, rows, R), else exp_avg_sq (L, rows, r); both C order, as exp_avg.
+ * calibration (L, r, r) or NULL. scratch: loft_update_moments_scratch(...) floats (used when full and calibrated). */
+void loft_update_moments(
+    int threads, int64_t layers, int64_t rows, int64_t rank,
+    const float *grad, int64_t g_layer, int64_t g_row, int64_t g_col,
+    const float *other_pinv, const float *calibration, float beta1, float beta2, int full,
+    float *exp_avg, float *second, float *scratch)
+{
+    const int64_t packed = rank * (rank + 1) / 2, padded = round_up(packed, VEC);
+    const int64_t chunks = (rows + CHUNK_ROWS - 1) / CHUNK_ROWS;
+    const int carry = full && calibration != NULL;
+#pragma omp parallel num_threads(threads)
+    {
+        if (carry) {
+#pragma omp for schedule(static)
+            for (int64_t layer = 0; layer < layers; layer++)
+                build_congruence(rank, padded, calibration + layer * rank * rank, scratch + layer * packed * padded);
+        }
+        float *carried = aligned_alloc(64, (size_t)TILE_ROWS * padded * sizeof(float));
+        float scaled[TILE_ROWS][256], moment[256];
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < layers * chunks; task++) {
+            const int64_t layer = task / chunks, start = (task % chunks) * CHUNK_ROWS;
+            const int64_t stop = min64(start + CHUNK_ROWS, rows);
+            const float *g = grad + layer * g_layer, *pinv = other_pinv + layer * rank * rank;
+            const float *c = calibration ? calibration + layer * rank * rank : NULL;
+            const float *congruence = scratch + layer * packed * padded;
+            float *m = exp_avg + layer * rows * rank;
+            float *sec = second + layer * rows * (full ? packed : rank);
+            for (int64_t i0 = start; i0 < stop; i0 += TILE_ROWS) {
+                const int64_t br = min64(TILE_ROWS, stop - i0);
+                for (int64_t i = 0; i < br; i++) {
+                    const float *gi = g + (i0 + i) * g_row;
+                    for (int64_t b = 0; b < rank; b++) {
+                        float sum = 0.0f;
+                        for (int64_t a = 0; a < rank; a++) sum += gi[a * g_col] * pinv[a * rank + b];
+                        scaled[i][b] = sum;
+                    }
+                    float *mi = m + (i0 + i) * rank;
+                    if (beta1 == 0.0f) {
+                        for (int64_t b = 0; b < rank; b++) mi[b] = scaled[i][b];
+                    } else if (c == NULL) {
+                        for (int64_t b = 0; b < rank; b++) mi[b] = lerp(scaled[i][b], mi[b], beta1);
+                    } else {
+                        for (int64_t b = 0; b < rank; b++) {
+                            float sum = 0.0f;
+                            for (int64_t a = 0; a < rank; a++) sum += mi[a] * c[a * rank + b];
+                            moment[b] = sum;
+                        }
+                        for (int64_t b = 0; b < rank; b++) mi[b] = lerp(scaled[i][b], moment[b], beta1);
+                    }
+                }
+                if (!full) {
+                    for (int64_t i = 0; i < br; i++) {
+                        float *vi_ = sec + (i0 + i) * rank;
+                        for (int64_t b = 0; b < rank; b++)
+                            vi_[b] = vi_[b] * beta2 + (1.0f - beta2) * (scaled[i][b] * scaled[i][b]);
+                    }
+                    continue;
+                }
+                float *p = sec + i0 * packed;
+                if (carry) {
+                    if (br == TILE_ROWS)
+                        congruence_rows(TILE_ROWS, packed, padded, p, congruence, carried);
+                    else
+                        for (int64_t i = 0; i < br; i++)
+                            congruence_rows(1, packed, padded, p + i * packed, congruence, carried + i * padded);
+                }
+                for (int64_t i = 0; i < br; i++) {
+                    float *pi = p + i * packed;
+                    const float *from = carry ? carried + i * padded : pi;
+                    int64_t q = 0;
+                    for (int64_t s = 0; s < rank; s++)
+                        for (int64_t t = s; t < rank; t++, q++)
+                            pi[q] = lerp(scaled[i][s] * scaled[i][t], from[q], beta2);
+                }
+            }
+        }
+        free(carried);
+    }
+}

@@ -1,0 +1,209 @@
+"""The fused CPU kernels of ``csrc/loft_cpu.c``: built on first use with the system's C compiler, loaded by ctypes.
+
+The LoFT-AdamW step's large work on a CPU is block 5's rebuild of the (k, l) moments and the carrying of the cross
+terms (eq. 11). As PyTorch operations these are a dozen passes over memory and a hundred small calls per step; the C
+kernels do a row block's whole computation while it is in cache (see the file's header). They compute what the
+functions of :mod:`loft_peft.optim.kernels` compute, in fp32, up to rounding.
+
+The library is compiled once per machine and source (``cc -O3 -march=native -fopenmp``, under a second) into
+``$LOFT_PEFT_CACHE`` (default ``~/.cache/loft_peft``), written atomically so that concurrent processes can share it.
+Where there is no compiler, compiling fails, or ``LOFT_PEFT_NATIVE=0`` is set, :func:`library` returns ``None`` and
+the optimizer uses PyTorch operations; nothing else changes. OpenMP: the library links ``libgomp.so.1``, which is the
+runtime PyTorch's own Linux wheels load, so the two share one thread pool; each call asks for
+``torch.get_num_threads()`` threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "loft_cpu.c"
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
+# Largest rank the kernels take (they keep a row of the factor in a fixed-size stack array).
+MAX_RANK = 256
+
+# Whether to use the kernels: None (the default) uses them where they load; False never. Tests and benchmarks set it.
+USE_NATIVE: bool | None = None
+
+
+def enabled() -> bool:
+    return USE_NATIVE is not False and os.environ.get("LOFT_PEFT_NATIVE", "1") != "0" and library() is not None
+
+
+def usable(x: Tensor) -> bool:
+    """Whether factors like ``x`` (L, k, r) go through the kernels: fp32 on the CPU, r at most :data:`MAX_RANK`."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[-1] <= MAX_RANK and enabled()
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("LOFT_PEFT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "loft_peft")
+    return Path(root)
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU's model and feature flags (Linux), else the machine name."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            lines = [line for line in handle if line.startswith(("model name", "flags", "Features"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.machine() + platform.processor()
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or ``None`` where they cannot be built or loaded here (logged once)."""
+    if platform.system() != "Linux":
+        logger.info("LoFT native kernels: only built on Linux; using PyTorch operations.")
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        logger.info("LoFT native kernels: no C compiler found (cc, gcc, clang or $CC); using PyTorch operations.")
+        return None
+    try:
+        source = SOURCE.read_bytes()
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+        key = hashlib.sha256(source + repr((FLAGS, version, _cpu_signature())).encode()).hexdigest()[:16]
+        target = _cache_dir() / f"loft_cpu_{key}.so"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+                built = Path(scratch) / target.name
+                result = subprocess.run(
+                    [compiler, *FLAGS, "-o", str(built), str(SOURCE)], capture_output=True, text=True
+                )
+                if result.returncode != 0:
+                    raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
+                os.replace(built, target)  # atomic: another process sees no library or a whole one
+        handle = ctypes.CDLL(str(target))
+    except Exception as error:  # noqa: BLE001 - any failure leaves the (always correct) PyTorch path
+        logger.warning("LoFT native kernels unavailable (%s); using PyTorch operations.", error)
+        return None
+    _declare(handle)
+    return handle
+
+
+def _declare(handle: ctypes.CDLL) -> None:
+    i64, ptr, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+    handle.loft_projected_adam_scratch.argtypes = [i64, i64, i64]
+    handle.loft_projected_adam_scratch.restype = i64
+    handle.loft_projected_adam.argtypes = (
+        [i32, i64, i64, i64, i64]
+        + [ptr, i64, i64, i64]
+        + [ptr, ptr]
+        + [ptr, i64, i64, i64]
+        + [ptr, f32, f32, f32, f32, i32]
+        + [ptr, ptr]
+    )
+    handle.loft_projected_adam.restype = None
+    handle.loft_update_moments_scratch.argtypes = [i64, i64]
+    handle.loft_update_moments_scratch.restype = i64
+    handle.loft_update_moments.argtypes = (
+        [i32, i64, i64, i64] + [ptr, i64, i64, i64] + [ptr, ptr, f32, f32, i32] + [ptr, ptr, ptr]
+    )
+    handle.loft_update_moments.restype = None
+
+
+def _strides(x: Tensor) -> tuple[int, int, int]:
+    return tuple(x.stride())  # (layer, row, column), in elements
+
+
+def _contiguous_checked(*tensors: Tensor) -> None:
+    for t in tensors:
+        if not t.is_contiguous():
+            raise ValueError("the native kernels write their state in place and need it contiguous")
+
+
+def projected_adam_update(
+    x: Tensor,
+    exp_avg: Tensor,
+    cross: Tensor,
+    y: Tensor,
+    y_gram_pinv: Tensor,
+    *,
+    decay: float,
+    first_scale: float,
+    projector_scale: float,
+    eps: float,
+    floored: bool,
+    scratch: Tensor,
+) -> Tensor:
+    """Block 5 as :func:`loft_peft.optim.kernels.projected_adam_update`, with its constants already folded in.
+
+    ``x`` (L, k, r) and ``y`` (L, l, r) may be strided views; ``exp_avg`` (L, k, r), ``cross`` (L, k, R) and
+    ``y_gram_pinv`` (L, r, r) are contiguous; ``scratch`` is a 1-d float tensor of at least
+    :func:`projected_adam_scratch_size` elements. Returns the new factors, (L, k, r).
+    """
+    lib = library()
+    layers, rows, rank = x.shape
+    length = y.shape[1]
+    pinv = y_gram_pinv.contiguous()
+    _contiguous_checked(exp_avg, cross)
+    out = torch.empty(layers, rows, rank, dtype=x.dtype, device=x.device)
+    lib.loft_projected_adam(
+        torch.get_num_threads(), layers, rows, length, rank,
+        x.data_ptr(), *_strides(x),
+        exp_avg.data_ptr(), cross.data_ptr(),
+        y.data_ptr(), *_strides(y),
+        pinv.data_ptr(), decay, first_scale, projector_scale, eps, int(floored),
+        scratch.data_ptr(), out.data_ptr(),
+    )  # fmt: skip
+    return out
+
+
+def projected_adam_scratch_size(layers: int, length: int, rank: int) -> int:
+    return int(library().loft_projected_adam_scratch(layers, length, rank))
+
+
+def update_moments_(
+    grad: Tensor,
+    other_gram_pinv: Tensor,
+    calibration: Tensor | None,
+    exp_avg: Tensor,
+    second: Tensor,
+    *,
+    beta1: float,
+    beta2: float,
+    full: bool,
+    scratch: Tensor,
+) -> None:
+    """Blocks 2-4 for one side of L pairs, in place: the scaled gradient ``g (y^T y)^+``, the calibrated first
+    moment and, with ``full``, the carried cross terms ``second`` (L, k, R), else Adam's elementwise second moment
+    ``second`` (L, k, r) of the scaled gradient. ``calibration`` None is the identity. ``scratch``: at least
+    :func:`update_moments_scratch_size` elements."""
+    lib = library()
+    layers, rows, rank = grad.shape
+    pinv = other_gram_pinv.contiguous()
+    calib = None if calibration is None else calibration.contiguous()
+    _contiguous_checked(exp_avg, second)
+    lib.loft_update_moments(
+        torch.get_num_threads(), layers, rows, rank,
+        grad.data_ptr(), *_strides(grad),
+        pinv.data_ptr(), None if calib is None else calib.data_ptr(), beta1, beta2, int(full),
+        exp_avg.data_ptr(), second.data_ptr(), scratch.data_ptr(),
+    )  # fmt: skip
+
+
+def update_moments_scratch_size(layers: int, rank: int) -> int:
+    return int(library().loft_update_moments_scratch(layers, rank))
