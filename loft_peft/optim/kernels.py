@@ -236,12 +236,17 @@ def spd_pinv(gram: Tensor) -> Tensor:
     rank-deficient factor, r larger than the factor's rows) take the reference's eigendecomposition.
     """
     rank = gram.shape[-1]
+    limit = 0.01 / (rank * torch.finfo(gram.dtype).eps)
+    if native.usable(gram):
+        inverse, rejected = native.spd_inverse(gram, limit)
+        if rejected is not None:
+            inverse[rejected] = torch.linalg.pinv(gram[rejected], hermitian=True)
+        return inverse
     chol, info = torch.linalg.cholesky_ex(gram)
     # cholesky_inverse raises on a zero pivot, which a failed factorisation can leave; those matrices are redone below,
     # and a valid factor's diagonal is positive, so flooring the diagonal changes nothing else.
     chol.diagonal(dim1=-2, dim2=-1).clamp_(min=torch.finfo(gram.dtype).tiny)
     inverse = torch.cholesky_inverse(chol)
-    limit = 0.01 / (rank * torch.finfo(gram.dtype).eps)
     bound = torch.linalg.matrix_norm(gram).mul_(torch.linalg.matrix_norm(inverse))
     accepted = (bound <= limit).logical_and_(info == 0)  # a NaN bound is not accepted
     if not bool(accepted.all()):

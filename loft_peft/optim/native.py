@@ -123,6 +123,8 @@ def _declare(handle: ctypes.CDLL) -> None:
         [i32, i64, i64, i64] + [ptr, i64, i64, i64] + [ptr, ptr, f32, f32, i32] + [ptr, ptr, ptr]
     )
     handle.loft_update_moments.restype = None
+    handle.loft_spd_inverse.argtypes = [i32, i64, i64, ptr, ctypes.c_double, ptr, ptr]
+    handle.loft_spd_inverse.restype = i64
 
 
 def _strides(x: Tensor) -> tuple[int, int, int]:
@@ -207,3 +209,17 @@ def update_moments_(
 
 def update_moments_scratch_size(layers: int, rank: int) -> int:
     return int(library().loft_update_moments_scratch(layers, rank))
+
+
+def spd_inverse(gram: Tensor, limit: float) -> tuple[Tensor, Tensor | None]:
+    """Inverses of the (L, r, r) fp32 Gram matrices by a double-precision Cholesky factorisation, and the layers whose
+    inverse is *not* accepted (the factorisation failed or ``||G||_F ||G^-1||_F > limit``), ``None`` when all are.
+    The rejected layers' entries are left unset."""
+    gram = gram.contiguous()
+    layers, rank = gram.shape[0], gram.shape[-1]
+    out = torch.empty_like(gram)
+    accepted = torch.empty(layers, dtype=torch.int32)
+    count = library().loft_spd_inverse(
+        torch.get_num_threads(), layers, rank, gram.data_ptr(), limit, out.data_ptr(), accepted.data_ptr()
+    )
+    return out, (None if count == layers else (accepted == 0).nonzero().squeeze(1))

@@ -344,26 +344,28 @@ void loft_update_moments(
             float *sec = second + layer * rows * (full ? packed : rank);
             for (int64_t i0 = start; i0 < stop; i0 += TILE_ROWS) {
                 const int64_t br = min64(TILE_ROWS, stop - i0);
-                for (int64_t i = 0; i < br; i++) {
+                for (int64_t i = 0; i < br; i++) {  /* row-times-matrix products as axpys over b: vectorised */
                     const float *gi = g + (i0 + i) * g_row;
-                    for (int64_t b = 0; b < rank; b++) {
-                        float sum = 0.0f;
-                        for (int64_t a = 0; a < rank; a++) sum += gi[a * g_col] * pinv[a * rank + b];
-                        scaled[i][b] = sum;
-                    }
                     float *mi = m + (i0 + i) * rank;
+                    for (int64_t b = 0; b < rank; b++) scaled[i][b] = 0.0f;
+                    for (int64_t a = 0; a < rank; a++) {
+                        const float w = gi[a * g_col], *row = pinv + a * rank;
+                        for (int64_t b = 0; b < rank; b++) scaled[i][b] += w * row[b];
+                    }
                     if (beta1 == 0.0f) {
                         for (int64_t b = 0; b < rank; b++) mi[b] = scaled[i][b];
-                    } else if (c == NULL) {
-                        for (int64_t b = 0; b < rank; b++) mi[b] = lerp(scaled[i][b], mi[b], beta1);
-                    } else {
-                        for (int64_t b = 0; b < rank; b++) {
-                            float sum = 0.0f;
-                            for (int64_t a = 0; a < rank; a++) sum += mi[a] * c[a * rank + b];
-                            moment[b] = sum;
-                        }
-                        for (int64_t b = 0; b < rank; b++) mi[b] = lerp(scaled[i][b], moment[b], beta1);
+                        continue;
                     }
+                    if (c != NULL) {
+                        for (int64_t b = 0; b < rank; b++) moment[b] = 0.0f;
+                        for (int64_t a = 0; a < rank; a++) {
+                            const float w = mi[a], *row = c + a * rank;
+                            for (int64_t b = 0; b < rank; b++) moment[b] += w * row[b];
+                        }
+                    } else {
+                        for (int64_t b = 0; b < rank; b++) moment[b] = mi[b];
+                    }
+                    for (int64_t b = 0; b < rank; b++) mi[b] = lerp(scaled[i][b], moment[b], beta1);
                 }
                 if (!full) {
                     for (int64_t i = 0; i < br; i++) {
@@ -393,4 +395,62 @@ void loft_update_moments(
         }
         free(carried);
     }
+}
+
+/* ------------------------------------------------------------------------------------------------------------------
+ * kernels.spd_pinv's fast case: the inverse of each symmetric positive definite (r, r) Gram matrix by a Cholesky
+ * factorisation in double precision, and whether it is accepted: the factorisation succeeded and
+ * ||G||_F ||G^-1||_F <= limit (then the inverse is the pseudo-inverse the reference computes). The caller redoes
+ * the rejected matrices with an eigendecomposition.
+ * ------------------------------------------------------------------------------------------------------------------ */
+static int spd_inverse(int64_t rank, const float *gram, double limit, float *out, double *work) {
+    double *l = work, *inv = work + rank * rank;  /* lower Cholesky factor, then the inverse */
+    double gram_norm = 0.0;
+    for (int64_t e = 0; e < rank * rank; e++) gram_norm += (double)gram[e] * gram[e];
+    for (int64_t j = 0; j < rank; j++) {
+        double d = gram[j * rank + j];
+        for (int64_t k = 0; k < j; k++) d -= l[j * rank + k] * l[j * rank + k];
+        if (!(d > 0.0)) return 0;  /* also catches NaN */
+        const double pivot = sqrt(d);
+        l[j * rank + j] = pivot;
+        for (int64_t i = j + 1; i < rank; i++) {
+            double x = gram[i * rank + j];
+            for (int64_t k = 0; k < j; k++) x -= l[i * rank + k] * l[j * rank + k];
+            l[i * rank + j] = x / pivot;
+        }
+    }
+    /* L^-1 (lower triangular) column by column, then G^-1 = L^-T L^-1. */
+    double *linv = inv + rank * rank;
+    for (int64_t c = 0; c < rank; c++)
+        for (int64_t i = 0; i < rank; i++) {
+            if (i < c) { linv[i * rank + c] = 0.0; continue; }
+            double x = i == c ? 1.0 : 0.0;
+            for (int64_t k = c; k < i; k++) x -= l[i * rank + k] * linv[k * rank + c];
+            linv[i * rank + c] = x / l[i * rank + i];
+        }
+    double inverse_norm = 0.0;
+    for (int64_t i = 0; i < rank; i++)
+        for (int64_t j = 0; j <= i; j++) {
+            double x = 0.0;
+            for (int64_t k = i; k < rank; k++) x += linv[k * rank + i] * linv[k * rank + j];
+            inv[i * rank + j] = inv[j * rank + i] = x;
+            inverse_norm += (i == j ? 1.0 : 2.0) * x * x;
+        }
+    if (!(sqrt(gram_norm) * sqrt(inverse_norm) <= limit)) return 0;
+    for (int64_t e = 0; e < rank * rank; e++) out[e] = (float)inv[e];
+    return 1;
+}
+
+/* gram, out: (L, r, r), C order. accepted: L ints. Returns how many were accepted. */
+int64_t loft_spd_inverse(int threads, int64_t layers, int64_t rank, const float *gram, double limit, float *out,
+                         int32_t *accepted) {
+    int64_t count = 0;
+#pragma omp parallel for schedule(static) num_threads(layers > 1 ? threads : 1) reduction(+ : count)
+    for (int64_t layer = 0; layer < layers; layer++) {
+        double *work = malloc(3 * rank * rank * sizeof(double));
+        accepted[layer] = spd_inverse(rank, gram + layer * rank * rank, limit, out + layer * rank * rank, work);
+        count += accepted[layer];
+        free(work);
+    }
+    return count;
 }
