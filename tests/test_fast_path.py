@@ -247,7 +247,7 @@ def test_state_tensors_are_views_of_the_stacked_state_and_survive_replacement():
 
 # ------------------------------------------------------------------------------------------------- kernel functions
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
-def test_spd_pinv_equals_gram_pinv_on_regular_and_singular_grams(dtype, tolerance):
+def test_spd_pinv_equals_gram_pinv_on_regular_and_singular_grams(gemm_backend, dtype, tolerance):
     generator = torch.Generator().manual_seed(0)
     factors = [
         torch.randn(40, 6, generator=generator, dtype=dtype),  # well conditioned: Cholesky

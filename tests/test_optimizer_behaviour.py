@@ -89,33 +89,40 @@ def test_bf16_factors_train_without_nan_and_state_stays_fp32():
             assert torch.equal(value, optimizer.state[p][key])
 
 
-@pytest.mark.parametrize("foreach, bound", [(False, 2e-2), (True, 5e-2)])
-def test_fp32_run_stays_close_to_float64_run(foreach, bound):
-    """Measures round-off drift of an fp32 run from the same run in float64.
+@pytest.mark.parametrize("foreach, typical_bound", [(False, 2e-2), (True, 5e-2)])
+def test_fp32_run_stays_close_to_float64_run(foreach, typical_bound):
+    """Measures round-off drift of fp32 runs from the same runs in float64, over three models.
 
-    Measured here, largest factor, 40 steps: 8.7e-3 relative with the per-layer reference path (``foreach=False``),
-    2.2e-2 with the batched fast path (the default), against 1.3e-6 for LoRA + torch AdamW; in float64 the two paths
-    agree to 7e-8 over the same 40 steps, so the gap is rounding order, not a different algorithm. The drift is reached
-    in the first two steps (each factor's first move) and flat afterwards. The rebuilt second moment ``p (V * V)`` is a
-    sum of r^2 products; where the true value is near zero it cancels to round-off, and Adam's normalisation turns
-    those elements' updates into noise of size ~1 either way. The bounds leave a 2x margin; a blow-up (no clamp,
-    negative v~) gives NaN or >> 1.
+    The drift (largest factor, relative, 40 steps) is reached in the first two steps (each factor's first move) and
+    flat afterwards. The rebuilt second moment ``p (V * V)`` is a sum of r^2 products; where the true value is near
+    zero it cancels to round-off, and Adam's normalisation turns those elements' updates into noise of size ~1 either
+    way, so the drift depends on which elements happen to cancel: measured over the models of seeds 0-4, 5e-3 to
+    7e-2 with the per-layer reference path (``foreach=False``) and 9e-3 to 1e-1 with the batched fast path (the
+    default, native kernels), against 1.3e-6 for LoRA + torch AdamW. In float64 the two paths agree to 1e-7, so the
+    gap is rounding order, not a different algorithm. Asserted: the median over seeds 0-2 (measured 8.3e-3 and
+    2.0e-2) within a typical bound, and no run beyond 0.2 (a blow-up, e.g. no clamp on a negative v~, gives NaN
+    or >> 1).
     """
     from loft_peft import LoftAdamW
     from loft_peft.optim import loft_param_groups
 
-    runs = {}
-    for dtype in (torch.float64, torch.float32):
-        model = get_peft_model(tiny_llama(0), LoftConfig(r=4)).to(dtype)
-        optimizer = LoftAdamW(loft_param_groups(model), lr=5e-3, foreach=foreach)
-        _train(model, optimizer, 40)
-        runs[dtype] = {n: p.double() for n, p in _factors(model).items()}
-    drift = max(
-        float((runs[torch.float32][n] - ref).norm() / ref.norm().clamp_min(1e-12))
-        for n, ref in runs[torch.float64].items()
-    )
-    print(f"fp32 vs fp64 relative drift after 40 steps (foreach={foreach}): {drift:.2e}")
-    assert drift < bound
+    drifts = []
+    for seed in range(3):
+        runs = {}
+        for dtype in (torch.float64, torch.float32):
+            model = get_peft_model(tiny_llama(seed), LoftConfig(r=4)).to(dtype)
+            optimizer = LoftAdamW(loft_param_groups(model), lr=5e-3, foreach=foreach)
+            _train(model, optimizer, 40)
+            runs[dtype] = {n: p.double() for n, p in _factors(model).items()}
+        drifts.append(
+            max(
+                float((runs[torch.float32][n] - ref).norm() / ref.norm().clamp_min(1e-12))
+                for n, ref in runs[torch.float64].items()
+            )
+        )
+    print(f"fp32 vs fp64 relative drift after 40 steps (foreach={foreach}), seeds 0-2: {drifts}")
+    assert max(drifts) < 0.2
+    assert sorted(drifts)[1] < typical_bound
 
 
 def test_second_moment_floor_bounds_the_adam_ratio_where_v_cancels():
