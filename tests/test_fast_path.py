@@ -368,7 +368,7 @@ def test_projected_adam_update_allocates_no_temporary_larger_than_a_block(gemm_b
 
 @pytest.mark.parametrize("full", [True, False])
 @pytest.mark.parametrize("beta1", [0.9, 0.0])
-@pytest.mark.parametrize("rank, rows", [(1, 9), (5, 37), (16, 131)])
+@pytest.mark.parametrize("rank, rows", [(1, 9), (5, 37), (16, 131), (33, 21)])  # 33: carried as C^T P C
 def test_native_moment_update_equals_the_torch_operations(full, beta1, rank, rows):
     """Blocks 2-4 in the C kernel (scaled gradient, calibrated first moment, carried cross terms or LoFT-simple's
     second moment) give what the PyTorch operations give, with and without a calibration, on strided gradients."""
