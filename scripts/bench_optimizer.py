@@ -18,6 +18,9 @@ AdamW state plus (m+n) r (r+1)/2 floats of cross terms and (m+n) r floats of pre
 peak resident memory a step adds beyond parameters, gradients and state, measured in a fresh child process
 (``ru_maxrss``), and ``largest`` the largest single tensor allocated during a step (PyTorch profiler).
 
+On CPUs LoFT runs through the fused C kernels of ``loft_peft.optim.native`` where they build; ``--no-native`` times
+the PyTorch operations instead (oneDNN GEMMs, or ``torch.bmm`` with ``--no-onednn`` as well).
+
 Run with all cores (leave OMP_NUM_THREADS unset). Examples::
 
     python scripts/bench_optimizer.py                                   # the full table, JSON in bench_optimizer.json
@@ -40,7 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from loft_peft.optim import kernels, maths  # noqa: E402
+from loft_peft.optim import kernels, maths, native  # noqa: E402
 from loft_peft.optim.adamw import LoftAdamW  # noqa: E402
 
 METHODS = ("loft", "loft-simple", "adamw-factors", "adamw-full")
@@ -184,7 +187,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=60, help="timing rounds per configuration (at most)")
     parser.add_argument("--seconds", type=float, default=20.0, help="time budget per configuration")
     parser.add_argument("--no-memory", action="store_true", help="skip the child-process memory measurements")
-    parser.add_argument("--no-onednn", action="store_true", help="use torch.bmm for the large GEMMs")
+    parser.add_argument("--no-native", action="store_true", help="use PyTorch operations instead of the C kernels")
+    parser.add_argument("--no-onednn", action="store_true", help="use torch.bmm for the large GEMMs (with --no-native)")
     parser.add_argument("--compile", action="store_true", help="also time LoftAdamW(compile=True)")
     parser.add_argument(
         "--default-malloc", action="store_true", help="leave glibc's adaptive trimming on (see keep_freed_memory)"
@@ -197,18 +201,23 @@ def main() -> None:
         return
     if args.no_onednn:
         kernels.USE_ONEDNN = False
+    if args.no_native:
+        native.USE_NATIVE = False
+        os.environ["LOFT_PEFT_NATIVE"] = "0"  # and in the memory-measuring child processes
     fixed_malloc = False if args.default_malloc else keep_freed_memory()
     torch.manual_seed(0)
     meta = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
+        "native": native.enabled(),
         "onednn": kernels._use_onednn(torch.zeros(1), kernels.ONEDNN_MIN_ELEMENTS),
         "fixed_malloc_thresholds": fixed_malloc,
         "load_average_start": os.getloadavg(),
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
     }
-    print(f"torch {meta['torch']}, {meta['threads']} threads, oneDNN GEMMs: {meta['onednn']}, "
+    print(f"torch {meta['torch']}, {meta['threads']} threads, native kernels: {meta['native']}, "
+          f"oneDNN GEMMs: {meta['onednn']}, "
           f"fixed malloc thresholds: {fixed_malloc}, load average {meta['load_average_start'][0]:.2f}")
     methods = METHODS + ((COMPILED,) if args.compile else ())
     compiled = COMPILED in methods

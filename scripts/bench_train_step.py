@@ -15,7 +15,8 @@ its time divided by LoRA's in the same round. Time is also split into forward+ba
 Memory is measured in a fresh child process per method: the peak resident size over three steps (``VmHWM``) and the
 optimizer state's bytes.
 
-Run with all cores (leave OMP_NUM_THREADS unset)::
+LoFT's optimizer runs through the fused C kernels of ``loft_peft.optim.native`` where they build (``--no-native``:
+through PyTorch operations). Run with all cores (leave OMP_NUM_THREADS unset)::
 
     python scripts/bench_train_step.py                     # r = 4 and 16, JSON in bench_train_step.json
     python scripts/bench_train_step.py --ranks 16 --rounds 5 --no-memory
@@ -159,23 +160,30 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--no-memory", action="store_true", help="skip the child-process memory measurements")
+    parser.add_argument("--no-native", action="store_true", help="LoFT through PyTorch operations, not the C kernels")
     parser.add_argument("--output", default="bench_train_step.json")
     parser.add_argument("--child-memory", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_memory:
         _child_memory(args.child_memory, args.batch_size, args.length)
         return
+    if args.no_native:
+        os.environ["LOFT_PEFT_NATIVE"] = "0"  # read by loft_peft.optim.native here and in the child processes
+    from loft_peft.optim import native
+
     torch.manual_seed(0)
     meta = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "native": native.enabled(),
         "batch_size": args.batch_size,
         "length": args.length,
         "targets": TARGETS,
         "load_average_start": os.getloadavg(),
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
     }
-    print(f"torch {meta['torch']}, {meta['threads']} threads, load average {meta['load_average_start'][0]:.2f}")
+    print(f"torch {meta['torch']}, {meta['threads']} threads, native kernels: {meta['native']}, "
+          f"load average {meta['load_average_start'][0]:.2f}")
     base = load_base_model()
     results = []
     for rank in (int(r) for r in args.ranks.split(",")):

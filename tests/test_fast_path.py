@@ -403,3 +403,27 @@ def test_native_kernels_build_where_a_c_compiler_exists():
         pytest.skip("no C compiler here: the PyTorch operations are used")
     assert native.library() is not None
     assert native.enabled()
+
+
+def test_native_kernels_fall_back_to_pytorch_with_a_warning_when_the_build_fails(tmp_path, monkeypatch, caplog):
+    """A compiler that fails leaves a logged warning, no library in the cache, and an optimizer that still steps (through
+    the PyTorch operations) to the same result as with the kernels disabled."""
+    import logging
+
+    monkeypatch.setenv("CC", "false")  # on PATH, fails on every call, including --version
+    monkeypatch.setenv("LOFT_PEFT_CACHE", str(tmp_path))
+    native.library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="loft_peft.optim.native"):
+            assert native.library() is None
+        assert "native kernels unavailable" in caplog.text
+        assert not native.enabled()
+        assert not list(tmp_path.glob("*.so")), "a failed build must leave nothing in the cache"
+        problem = _Problem(SHAPES[:3], dtype=torch.float32, structured=True, lr=1e-3)
+        for _ in range(3):
+            problem.step()
+        assert problem.worst_relative_difference() < 1e-5
+    finally:
+        monkeypatch.undo()
+        native.library.cache_clear()
+    assert native.enabled() or native._compiler() is None

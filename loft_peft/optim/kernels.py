@@ -5,6 +5,10 @@ with a leading layer dimension L, so that a model's ~150 adapted layers take a f
 thousands. They differ from the references only in fp32 rounding (``tests/test_fast_path.py`` checks this over many
 steps and shapes). Where the speed comes from:
 
+* On CPUs in fp32, the fused C kernels of :mod:`loft_peft.optim.native` (built on first use where a C compiler is
+  found): block 5 (:func:`projected_adam_update`) as register tiles of the (k, l) moments that never leave the cache,
+  blocks 2-4 (:func:`update_moments_`) row block by row block, and the Cholesky inverses of :func:`spd_pinv`. The
+  rest of this module is their PyTorch fallback, and the path for GPUs and float64.
 * Gram pseudo-inverses by a batched Cholesky factorisation (:func:`spd_pinv`); the eigendecomposition of
   :func:`maths.gram_pinv` is kept for the matrices where the two could differ (singular or ill-conditioned ones).
 * The projected Adam update (:func:`projected_adam_update`, block 5) never forms a (k, l) matrix larger than a row
@@ -12,10 +16,10 @@ steps and shapes). Where the speed comes from:
   (R, l) matrices, Adam's elementwise step is five passes over the block (one with the optional ``torch.compile``),
   and the last GEMM adds the decayed factor, so the new factor comes out of the pass directly. The block
   temporaries live in a :class:`Workspace` kept between steps.
-* On CPUs, the GEMMs with inner size R = r (r + 1) / 2 or l (the rebuild of ``v~``, the projection back, the carrying of
-  the cross terms) go through oneDNN when PyTorch was built with it: for these skinny shapes it runs about twice as
-  fast as the BLAS behind ``torch.matmul`` on the CPUs we measured (AVX-512 kernels where the BLAS picks AVX2 ones).
-  Anything else (GPUs, other dtypes, builds without oneDNN, small layers) takes batched ``torch.bmm``.
+* Without the native kernels on CPUs, the GEMMs with inner size R = r (r + 1) / 2 or l (the rebuild of ``v~``, the
+  projection back, the carrying of the cross terms) go through oneDNN when PyTorch was built with it: for these skinny
+  shapes it runs about twice as fast as the BLAS behind ``torch.matmul`` on the CPUs we measured. Anything else
+  (GPUs, other dtypes, builds without oneDNN, small layers) takes batched ``torch.bmm``.
 
 Shapes follow ``maths``: for the treated factor ``x`` (L, k, r) and the other factor ``y`` (L, l, r), R = r (r + 1)/2.
 """

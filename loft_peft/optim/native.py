@@ -7,8 +7,8 @@ functions of :mod:`loft_peft.optim.kernels` compute, in fp32, up to rounding.
 
 The library is compiled once per machine and source (``cc -O3 -march=native -fopenmp``, under a second) into
 ``$LOFT_PEFT_CACHE`` (default ``~/.cache/loft_peft``), written atomically so that concurrent processes can share it.
-Where there is no compiler, compiling fails, or ``LOFT_PEFT_NATIVE=0`` is set, :func:`library` returns ``None`` and
-the optimizer uses PyTorch operations; nothing else changes. OpenMP: the library links ``libgomp.so.1``, which is the
+Where there is no compiler or compiling fails (:func:`library` returns ``None``, with a logged reason), or where
+``LOFT_PEFT_NATIVE=0`` is set, the optimizer uses PyTorch operations; nothing else changes. OpenMP: the library links ``libgomp.so.1``, which is the
 runtime PyTorch's own Linux wheels load, so the two share one thread pool; each call asks for
 ``torch.get_num_threads()`` threads.
 """

@@ -311,9 +311,15 @@ static inline __attribute__((always_inline)) void congruence_rows(
     }
 }
 
-static inline float lerp(float start, float end, float weight) {
-    /* torch.lerp: start + weight (end - start), computed from the nearer end as ATen does */
-    return fabsf(weight) < 0.5f ? start + weight * (end - start) : end - (end - start) * (1.0f - weight);
+/* torch.lerp(start, end, weight) = start + weight (end - start) on n floats into out, computed from the nearer end as
+ * ATen does; the branch is outside the loops so that both vectorise. out may be end. */
+static inline void lerp_into(int64_t n, const float *start, const float *end, float weight, float *out) {
+    if (fabsf(weight) < 0.5f) {
+        for (int64_t e = 0; e < n; e++) out[e] = start[e] + weight * (end[e] - start[e]);
+    } else {
+        const float complement = 1.0f - weight;
+        for (int64_t e = 0; e < n; e++) out[e] = end[e] - (end[e] - start[e]) * complement;
+    }
 }
 
 /* Whether the cross terms are carried row by row as C^T P C (2 r^3 multiply-adds per row, vectors along rows of r)
@@ -391,7 +397,7 @@ void loft_update_moments(
         }
         float *carried = aligned_alloc(64, (size_t)TILE_ROWS * padded * sizeof(float));
         float *work = aligned_alloc(64, (size_t)(rank * rank + rank * rv) * sizeof(float));
-        float scaled[TILE_ROWS][256], moment[256];
+        float scaled[TILE_ROWS][256], moment[256], outer[256];
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < layers * chunks; task++) {
             const int64_t layer = task / chunks, start = (task % chunks) * CHUNK_ROWS;
@@ -424,7 +430,7 @@ void loft_update_moments(
                     } else {
                         for (int64_t b = 0; b < rank; b++) moment[b] = mi[b];
                     }
-                    for (int64_t b = 0; b < rank; b++) mi[b] = lerp(scaled[i][b], moment[b], beta1);
+                    lerp_into(rank, scaled[i], moment, beta1, mi);
                 }
                 if (!full) {
                     for (int64_t i = 0; i < br; i++) {
@@ -450,9 +456,10 @@ void loft_update_moments(
                     float *pi = p + i * packed;
                     const float *from = carry ? carried + i * padded : pi;
                     int64_t q = 0;
-                    for (int64_t s = 0; s < rank; s++)
-                        for (int64_t t = s; t < rank; t++, q++)
-                            pi[q] = lerp(scaled[i][s] * scaled[i][t], from[q], beta2);
+                    for (int64_t s = 0; s < rank; q += rank - s, s++) {  /* packed entries (s, s..r-1) are adjacent */
+                        for (int64_t t = s; t < rank; t++) outer[t - s] = scaled[i][s] * scaled[i][t];
+                        lerp_into(rank - s, outer, from + q, beta2, pi + q);
+                    }
                 }
             }
         }
