@@ -116,13 +116,13 @@ def _declare(handle: ctypes.CDLL) -> None:
         + [ptr, f32, f32, f32, f32, i32]
         + [ptr, ptr]
     )
-    handle.loft_projected_adam.restype = None
+    handle.loft_projected_adam.restype = i32
     handle.loft_update_moments_scratch.argtypes = [i64, i64]
     handle.loft_update_moments_scratch.restype = i64
     handle.loft_update_moments.argtypes = (
         [i32, i64, i64, i64] + [ptr, i64, i64, i64] + [ptr, ptr, f32, f32, i32] + [ptr, ptr, ptr]
     )
-    handle.loft_update_moments.restype = None
+    handle.loft_update_moments.restype = i32
     handle.loft_spd_inverse.argtypes = [i32, i64, i64, ptr, ctypes.c_double, ptr, ptr]
     handle.loft_spd_inverse.restype = i64
 
@@ -163,7 +163,7 @@ def projected_adam_update(
     pinv = y_gram_pinv.contiguous()
     _contiguous_checked(exp_avg, cross)
     out = torch.empty(layers, rows, rank, dtype=x.dtype, device=x.device)
-    lib.loft_projected_adam(
+    failed = lib.loft_projected_adam(
         torch.get_num_threads(), layers, rows, length, rank,
         x.data_ptr(), *_strides(x),
         exp_avg.data_ptr(), cross.data_ptr(),
@@ -171,6 +171,8 @@ def projected_adam_update(
         pinv.data_ptr(), decay, first_scale, projector_scale, eps, int(floored),
         scratch.data_ptr(), out.data_ptr(),
     )  # fmt: skip
+    if failed:
+        raise MemoryError("LoFT native kernel: out of memory for its per-thread buffers")
     return out
 
 
@@ -199,12 +201,14 @@ def update_moments_(
     pinv = other_gram_pinv.contiguous()
     calib = None if calibration is None else calibration.contiguous()
     _contiguous_checked(exp_avg, second)
-    lib.loft_update_moments(
+    failed = lib.loft_update_moments(
         torch.get_num_threads(), layers, rows, rank,
         grad.data_ptr(), *_strides(grad),
         pinv.data_ptr(), None if calib is None else calib.data_ptr(), beta1, beta2, int(full),
         exp_avg.data_ptr(), second.data_ptr(), scratch.data_ptr(),
     )  # fmt: skip
+    if failed:
+        raise MemoryError("LoFT native kernel: out of memory for its per-thread buffers")
 
 
 def update_moments_scratch_size(layers: int, rank: int) -> int:

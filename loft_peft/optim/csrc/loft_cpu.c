@@ -62,6 +62,9 @@ static inline vf vmax(vf a, vf b) {
 static inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+/* 64-byte aligned scratch (NULL when out of memory; the exported functions then report failure). */
+static inline void *scratch_alloc(size_t bytes) { return aligned_alloc(64, (size_t)round_up((int64_t)bytes, 64)); }
+
 /* ------------------------------------------------------------------------------------------------------------------
  * Block 5: kernels.projected_adam_update.
  *
@@ -188,8 +191,9 @@ int64_t loft_projected_adam_scratch(int64_t layers, int64_t length, int64_t rank
     return layers * (2 * rank + rank * (rank + 1) / 2) * column_stride(length);
 }
 
-/* rank <= 256. scratch: loft_projected_adam_scratch(...) floats. out: (L, rows, rank), C order. */
-void loft_projected_adam(
+/* rank <= 256. scratch: loft_projected_adam_scratch(...) floats. out: (L, rows, rank), C order.
+ * Returns 0, or 1 when a thread's buffer could not be allocated (out is then incomplete). */
+int loft_projected_adam(
     int threads, int64_t layers, int64_t rows, int64_t length, int64_t rank,
     const float *x, int64_t x_layer, int64_t x_row, int64_t x_col,
     const float *exp_avg, const float *cross,
@@ -201,7 +205,8 @@ void loft_projected_adam(
     const int64_t per_layer = (2 * rank + packed) * ld;
     const int64_t chunks = (rows + CHUNK_ROWS - 1) / CHUNK_ROWS;
     const int64_t column_chunks = (padded + 255) / 256;
-#pragma omp parallel num_threads(threads)
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
     {
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < layers * column_chunks; task++) {
@@ -211,9 +216,11 @@ void loft_projected_adam(
                           pinv + layer * rank * rank, first_scale, projector_scale, base, base + rank * ld,
                           base + (rank + packed) * ld);
         }
-        vf *partial = aligned_alloc(64, (size_t)CHUNK_ROWS * rank * sizeof(vf));
+        vf *partial = scratch_alloc((size_t)CHUNK_ROWS * rank * sizeof(vf));
+        failed |= partial == NULL;
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < layers * chunks; task++) {
+            if (partial == NULL) continue;
             const int64_t layer = task / chunks, start = (task % chunks) * CHUNK_ROWS;
             const int64_t stop = min64(start + CHUNK_ROWS, rows);
             const float *m = exp_avg + layer * rows * rank;
@@ -240,6 +247,7 @@ void loft_projected_adam(
         }
         free(partial);
     }
+    return failed;
 }
 
 /* ------------------------------------------------------------------------------------------------------------------
@@ -360,8 +368,9 @@ int64_t loft_update_moments_scratch(int64_t layers, int64_t rank) {
 }
 
 /* rank <= 256. full: second = cross (L, rows, R), else exp_avg_sq (L, rows, r); both C order, as exp_avg.
- * calibration (L, r, r) or NULL. scratch: loft_update_moments_scratch(...) floats (used when full and calibrated). */
-void loft_update_moments(
+ * calibration (L, r, r) or NULL. scratch: loft_update_moments_scratch(...) floats (used when full and calibrated).
+ * Returns 0, or 1 when a buffer could not be allocated (before anything is written, or with some rows updated). */
+int loft_update_moments(
     int threads, int64_t layers, int64_t rows, int64_t rank,
     const float *grad, int64_t g_layer, int64_t g_row, int64_t g_col,
     const float *other_pinv, const float *calibration, float beta1, float beta2, int full,
@@ -374,13 +383,15 @@ void loft_update_moments(
     int32_t *unpack = NULL;
     if (carry && matrices) {
         unpack = malloc(rank * rank * sizeof(int32_t));
+        if (unpack == NULL) return 1;
         for (int64_t a = 0; a < rank; a++)
             for (int64_t b = 0; b < rank; b++) {
                 const int64_t s = a < b ? a : b, t = a < b ? b : a;
                 unpack[a * rank + b] = (int32_t)(s * rank - s * (s - 1) / 2 + (t - s));
             }
     }
-#pragma omp parallel num_threads(threads)
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
     {
         if (carry) {
 #pragma omp for schedule(static)
@@ -395,13 +406,16 @@ void loft_update_moments(
                 }
             }
         }
-        float *carried = aligned_alloc(64, (size_t)TILE_ROWS * padded * sizeof(float));
-        float *work = aligned_alloc(64, (size_t)(rank * rank + rank * rv) * sizeof(float));
+        float *carried = scratch_alloc((size_t)TILE_ROWS * padded * sizeof(float));
+        float *work = scratch_alloc((size_t)(rank * rank + rank * rv) * sizeof(float));
+        const int missing = carried == NULL || work == NULL;
+        failed |= missing;
         float scaled[TILE_ROWS][256], moment[256], outer[256];
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < layers * chunks; task++) {
             const int64_t layer = task / chunks, start = (task % chunks) * CHUNK_ROWS;
             const int64_t stop = min64(start + CHUNK_ROWS, rows);
+            if (missing) continue;
             const float *g = grad + layer * g_layer, *pinv = other_pinv + layer * rank * rank;
             const float *c = calibration ? calibration + layer * rank * rank : NULL;
             const float *congruence = scratch + layer * (matrices ? rank * rv : packed * padded);
@@ -467,6 +481,7 @@ void loft_update_moments(
         free(work);
     }
     free(unpack);
+    return failed;
 }
 
 /* ------------------------------------------------------------------------------------------------------------------
@@ -519,8 +534,9 @@ int64_t loft_spd_inverse(int threads, int64_t layers, int64_t rank, const float 
     int64_t count = 0;
 #pragma omp parallel for schedule(static) num_threads(layers > 1 ? threads : 1) reduction(+ : count)
     for (int64_t layer = 0; layer < layers; layer++) {
-        double *work = malloc(3 * rank * rank * sizeof(double));
-        accepted[layer] = spd_inverse(rank, gram + layer * rank * rank, limit, out + layer * rank * rank, work);
+        double *work = malloc(3 * rank * rank * sizeof(double));  /* NULL: not accepted, the caller redoes it */
+        accepted[layer] = work != NULL && spd_inverse(rank, gram + layer * rank * rank, limit,
+                                                      out + layer * rank * rank, work);
         count += accepted[layer];
         free(work);
     }
