@@ -361,6 +361,31 @@ static void congruence_matrices(int64_t rank, int64_t rv, const float *p, const 
     }
 }
 
+/* out[i, :] = rows[i, :] M for BR rows of r floats (rows[i * rank + a]), with M (r, rv) padded to whole vectors:
+ * vector accumulators over the BR rows in registers, so that the r multiply-adds per vector do not form one chain
+ * through memory. out rows hold rv floats. */
+static inline __attribute__((always_inline)) void rows_times_matrix(
+    const int BR, int64_t rank, int64_t rv, const float *rows, const float *matrix, float *out)
+{
+    for (int64_t v = 0; v < rv; v += VEC) {
+        vf acc[TILE_ROWS];
+#pragma GCC unroll 16
+        for (int i = 0; i < BR; i++) acc[i] = splat(0.0f);
+        for (int64_t a = 0; a < rank; a++) {
+            const vf w = load(matrix + a * rv + v);
+#pragma GCC unroll 16
+            for (int i = 0; i < BR; i++) acc[i] += splat(rows[i * rank + a]) * w;
+        }
+#pragma GCC unroll 16
+        for (int i = 0; i < BR; i++) store(out + i * rv + v, acc[i]);
+    }
+}
+
+static void pad_rows(int64_t rank, int64_t rv, const float *matrix, float *padded_matrix) {
+    for (int64_t a = 0; a < rank; a++)
+        for (int64_t b = 0; b < rv; b++) padded_matrix[a * rv + b] = b < rank ? matrix[a * rank + b] : 0.0f;
+}
+
 int64_t loft_update_moments_scratch(int64_t layers, int64_t rank) {
     const int64_t packed = rank * (rank + 1) / 2;
     if (carry_as_matrices(rank)) return layers * rank * round_up(rank, VEC);  /* C with rows padded */
@@ -408,9 +433,13 @@ int loft_update_moments(
         }
         float *carried = scratch_alloc((size_t)TILE_ROWS * padded * sizeof(float));
         float *work = scratch_alloc((size_t)(rank * rank + rank * rv) * sizeof(float));
-        const int missing = carried == NULL || work == NULL;
+        float *matrices_padded = scratch_alloc((size_t)2 * rank * rv * sizeof(float));  /* (y^T y)^+, C */
+        const int missing = carried == NULL || work == NULL || matrices_padded == NULL;
         failed |= missing;
-        float scaled[TILE_ROWS][256], moment[256], outer[256];
+        /* rows of rv floats */
+        float grads[TILE_ROWS * 256], scaled[TILE_ROWS * 256] __attribute__((aligned(64)));
+        float moments[TILE_ROWS * 256] __attribute__((aligned(64))), outer[256];
+        int64_t padded_layer = -1;
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < layers * chunks; task++) {
             const int64_t layer = task / chunks, start = (task % chunks) * CHUNK_ROWS;
@@ -421,36 +450,39 @@ int loft_update_moments(
             const float *congruence = scratch + layer * (matrices ? rank * rv : packed * padded);
             float *m = exp_avg + layer * rows * rank;
             float *sec = second + layer * rows * (full ? packed : rank);
+            float *pinv_padded = matrices_padded, *c_padded = matrices_padded + rank * rv;
+            if (padded_layer != layer) {
+                pad_rows(rank, rv, pinv, pinv_padded);
+                if (c != NULL) pad_rows(rank, rv, c, c_padded);
+                padded_layer = layer;
+            }
             for (int64_t i0 = start; i0 < stop; i0 += TILE_ROWS) {
                 const int64_t br = min64(TILE_ROWS, stop - i0);
-                for (int64_t i = 0; i < br; i++) {  /* row-times-matrix products as axpys over b: vectorised */
-                    const float *gi = g + (i0 + i) * g_row;
-                    float *mi = m + (i0 + i) * rank;
-                    for (int64_t b = 0; b < rank; b++) scaled[i][b] = 0.0f;
-                    for (int64_t a = 0; a < rank; a++) {
-                        const float w = gi[a * g_col], *row = pinv + a * rank;
-                        for (int64_t b = 0; b < rank; b++) scaled[i][b] += w * row[b];
-                    }
-                    if (beta1 == 0.0f) {
-                        for (int64_t b = 0; b < rank; b++) mi[b] = scaled[i][b];
-                        continue;
-                    }
-                    if (c != NULL) {
-                        for (int64_t b = 0; b < rank; b++) moment[b] = 0.0f;
-                        for (int64_t a = 0; a < rank; a++) {
-                            const float w = mi[a], *row = c + a * rank;
-                            for (int64_t b = 0; b < rank; b++) moment[b] += w * row[b];
-                        }
-                    } else {
-                        for (int64_t b = 0; b < rank; b++) moment[b] = mi[b];
-                    }
-                    lerp_into(rank, scaled[i], moment, beta1, mi);
+                for (int64_t i = 0; i < br; i++)
+                    for (int64_t a = 0; a < rank; a++) grads[i * rank + a] = g[(i0 + i) * g_row + a * g_col];
+                if (br == TILE_ROWS)
+                    rows_times_matrix(TILE_ROWS, rank, rv, grads, pinv_padded, scaled);
+                else
+                    for (int64_t i = 0; i < br; i++)
+                        rows_times_matrix(1, rank, rv, grads + i * rank, pinv_padded, scaled + i * rv);
+                float *mi = m + i0 * rank;  /* br consecutive rows */
+                if (beta1 == 0.0f) {
+                    for (int64_t i = 0; i < br; i++) memcpy(mi + i * rank, scaled + i * rv, rank * sizeof(float));
+                } else {
+                    if (c == NULL)
+                        for (int64_t i = 0; i < br; i++) memcpy(moments + i * rv, mi + i * rank, rank * sizeof(float));
+                    else if (br == TILE_ROWS)
+                        rows_times_matrix(TILE_ROWS, rank, rv, mi, c_padded, moments);
+                    else
+                        for (int64_t i = 0; i < br; i++)
+                            rows_times_matrix(1, rank, rv, mi + i * rank, c_padded, moments + i * rv);
+                    for (int64_t i = 0; i < br; i++) lerp_into(rank, scaled + i * rv, moments + i * rv, beta1, mi + i * rank);
                 }
                 if (!full) {
                     for (int64_t i = 0; i < br; i++) {
                         float *vi_ = sec + (i0 + i) * rank;
                         for (int64_t b = 0; b < rank; b++)
-                            vi_[b] = vi_[b] * beta2 + (1.0f - beta2) * (scaled[i][b] * scaled[i][b]);
+                            vi_[b] = vi_[b] * beta2 + (1.0f - beta2) * (scaled[i * rv + b] * scaled[i * rv + b]);
                     }
                     continue;
                 }
@@ -471,7 +503,7 @@ int loft_update_moments(
                     const float *from = carry ? carried + i * padded : pi;
                     int64_t q = 0;
                     for (int64_t s = 0; s < rank; q += rank - s, s++) {  /* packed entries (s, s..r-1) are adjacent */
-                        for (int64_t t = s; t < rank; t++) outer[t - s] = scaled[i][s] * scaled[i][t];
+                        for (int64_t t = s; t < rank; t++) outer[t - s] = scaled[i * rv + s] * scaled[i * rv + t];
                         lerp_into(rank - s, outer, from + q, beta2, pi + q);
                     }
                 }
@@ -479,6 +511,7 @@ int loft_update_moments(
         }
         free(carried);
         free(work);
+        free(matrices_padded);
     }
     free(unpack);
     return failed;
