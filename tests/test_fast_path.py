@@ -366,6 +366,28 @@ def test_projected_adam_update_allocates_no_temporary_larger_than_a_block(gemm_b
     assert largest <= max(2 * block_bytes, column_matrices_bytes) < rows * length * 4 // 16
 
 
+@pytest.mark.parametrize("rank", [1, 5, 16])
+@pytest.mark.parametrize("floor", [0.0, maths.second_moment_floor(0.9, 0.999)])
+def test_native_projected_update_equals_float64_reference_across_row_chunks_and_column_blocks(rank, floor):
+    """The C kernel's tiling seams: 300 rows (chunks of 32, tiles of 4, a tail row), 530 columns (blocks of 256, a
+    tail vector, padding), two layers, a strided other factor; against the reference direction in float64."""
+    if not native.enabled():
+        pytest.skip("the native kernels could not be built here (no C compiler?)")
+    x, exp_avg, cross, y = _direction_inputs(torch.float64, layers=2, rows=300, length=530, rank=rank)
+    y = y.transpose(1, 2).contiguous().transpose(1, 2)  # as V = A^T: strided along the rows
+    pinv = torch.stack([maths.gram_pinv(layer) for layer in y])
+    options = dict(bias_correction1=0.271, bias_correction2=0.003, eps=1e-8)
+    with _gemm_backend("native"):
+        new = kernels.projected_adam_update(
+            *(t.float() for t in (x, exp_avg, cross)), y.float(), pinv.float(), lr=0.05, decay=0.99, floor=floor,
+            **options,
+        )
+    for i in range(2):
+        direction = maths.projected_adam_direction(exp_avg[i], cross[i], y[i], pinv[i], floor=floor, **options)
+        expected = 0.99 * x[i] - 0.05 * direction
+        assert float((new[i].double() - expected).abs().max() / expected.abs().max()) < 1e-5
+
+
 @pytest.mark.parametrize("full", [True, False])
 @pytest.mark.parametrize("beta1", [0.9, 0.0])
 @pytest.mark.parametrize("rank, rows", [(1, 9), (5, 37), (16, 131), (33, 21)])  # 33: carried as C^T P C
