@@ -130,7 +130,7 @@ def _ids(options):
 
 @pytest.mark.parametrize(
     "options, backend",
-    [(OPTIONS[0], "bmm"), (OPTIONS[0], "onednn")] + [(options, "native") for options in OPTIONS],
+    [(OPTIONS[0], "bmm"), (OPTIONS[1], "bmm"), (OPTIONS[0], "onednn")] + [(options, "native") for options in OPTIONS],
     ids=lambda x: _ids(x) if isinstance(x, dict) else x,
 )
 def test_fast_path_equals_reference_in_fp32_over_many_steps_and_shapes(options, backend):

@@ -270,9 +270,25 @@ class LoftAdamW(LoftOptimizerBase):
                 calib_for_u = _calibration(t["v:prev"], v, pinv_v, same_v_mask)
             if not same_u:
                 calib_for_v = _calibration(t["u:prev"], u, pinv_u, same_u_mask)
+        t["u:step"].add_(1.0)
+        step += 1.0
+        move_b = not group["alternate"] or phase == MOVE_B
+        move_a = not group["alternate"] or phase == MOVE_A
+        options = dict(
+            lr=lr,
+            decay=1.0 - lr * weight_decay,
+            bias_correction1=1.0 - beta1**step,
+            bias_correction2=1.0 - beta2**step,
+            eps=eps,
+        )
         workspace = self._caches().setdefault("workspace", kernels.Workspace())
-        for side, grad, pinv, calib in (("u", grad_u, pinv_v, calib_for_u), ("v", grad_v, pinv_u, calib_for_v)):
-            kernels.update_moments_(  # blocks 2-4
+        # Blocks 2-4 for both sides; LoFT-simple's moving factor steps in the same pass (its step is elementwise).
+        simple_steps: dict[str, list[Tensor] | None] = {}
+        for side, grad, pinv, calib, x, moves in (
+            ("u", grad_u, pinv_v, calib_for_u, u, move_b),
+            ("v", grad_v, pinv_u, calib_for_v, v, move_a),
+        ):
+            simple_steps[side] = kernels.update_moments_(
                 grad,
                 pinv,
                 calib,
@@ -282,42 +298,28 @@ class LoftAdamW(LoftOptimizerBase):
                 beta2=beta2,
                 full=full,
                 workspace=workspace,
+                simple_step=dict(x=x, **options) if moves and not full else None,
             )
-
-        t["u:step"].add_(1.0)
-        step += 1.0
-        bias_correction1 = 1.0 - beta1**step
-        bias_correction2 = 1.0 - beta2**step
-        move_b = not group["alternate"] or phase == MOVE_B
-        move_a = not group["alternate"] or phase == MOVE_A
         if not same_u:
             t["u:prev"].copy_(u)
         if not same_v:
             t["v:prev"].copy_(v)
 
-        options = dict(
-            lr=lr,
-            decay=1.0 - lr * weight_decay,
-            bias_correction1=bias_correction1,
-            bias_correction2=bias_correction2,
-            eps=eps,
-        )
-
         def updated(side: str, x: Tensor, other: Tensor, other_pinv: Tensor) -> list[Tensor]:
-            if full:  # block 5
-                floor = maths.second_moment_floor(beta1, beta2)
-                return kernels.projected_adam_update(
-                    x,
-                    t[side + ":exp_avg"],
-                    t[side + ":cross_sq"],
-                    other,
-                    other_pinv,
-                    floor=floor,
-                    workspace=workspace,
-                    compiled=group.get("compile", False),
-                    **options,
-                )
-            return kernels.simple_adam_update(x, t[side + ":exp_avg"], t[side + ":exp_avg_sq"], **options)
+            if not full:
+                return simple_steps[side]
+            floor = maths.second_moment_floor(beta1, beta2)  # block 5
+            return kernels.projected_adam_update(
+                x,
+                t[side + ":exp_avg"],
+                t[side + ":cross_sq"],
+                other,
+                other_pinv,
+                floor=floor,
+                workspace=workspace,
+                compiled=group.get("compile", False),
+                **options,
+            )
 
         # Both new factors are computed from the factors as they were at this step before either moves.
         new_u = updated("u", u, v, pinv_v) if move_b else None

@@ -176,17 +176,30 @@ def update_moments_(
     beta2: float,
     full: bool,
     workspace: Workspace,
-) -> None:
-    """Blocks 2-4 for one side of L pairs, in place; the moving factor's ``x`` (L, k, r) gradient is ``grad``.
+    simple_step: dict | None = None,
+) -> list[Tensor] | None:
+    """Blocks 2-4 for one side of L pairs, in place, for the factor ``x`` (L, k, r) whose gradient is ``grad``.
 
     ``g~ = g (y^T y)^+`` (:func:`maths.scaled_gradient`), ``m <- lerp(g~, m C, beta1)``
     (:func:`maths.update_first_moment`), and with ``full`` ``second``'s packed cross terms (L, k, R) carried by
     :func:`update_cross_terms_`, else ``second`` is Adam's elementwise second moment of ``g~`` (L, k, r), as LoFT-simple
     keeps it. ``calibration`` (L, r, r) or ``None`` for the identity.
+
+    For LoFT-simple (``full=False``) the factor's step can be taken in the same pass: ``simple_step`` holds
+    ``x`` and :func:`simple_adam_update`'s keyword arguments, and its result is returned. Otherwise returns ``None``.
     """
     if native.usable(grad):
         size = native.update_moments_scratch_size(grad.shape[0], grad.shape[-1])
-        native.update_moments_(
+        folded = None
+        if simple_step is not None and not full:
+            bc2_sqrt = math.sqrt(simple_step["bias_correction2"])
+            folded = dict(
+                x=simple_step["x"],
+                decay=simple_step["decay"],
+                scale=-simple_step["lr"] * bc2_sqrt / simple_step["bias_correction1"],
+                eps=simple_step["eps"] * bc2_sqrt,
+            )
+        new = native.update_moments_(
             grad,
             other_gram_pinv,
             calibration,
@@ -196,8 +209,9 @@ def update_moments_(
             beta2=beta2,
             full=full,
             scratch=workspace.get("native_moments", (size,), grad),
+            simple_step=folded,
         )
-        return
+        return None if new is None else list(new.unbind(0))
     scaled = torch.bmm(grad, other_gram_pinv)
     carried = exp_avg if calibration is None else torch.bmm(exp_avg, calibration)
     if beta1 == 0.0:
@@ -206,8 +220,12 @@ def update_moments_(
         torch.lerp(scaled, carried, beta1, out=exp_avg)
     if full:
         update_cross_terms_(second, calibration, packed_outer(scaled), beta2)
-    else:
-        second.mul_(beta2).addcmul_(scaled, scaled, value=1.0 - beta2)
+        return None
+    second.mul_(beta2).addcmul_(scaled, scaled, value=1.0 - beta2)
+    if simple_step is None:
+        return None
+    options = {key: value for key, value in simple_step.items() if key != "x"}
+    return simple_adam_update(simple_step["x"], exp_avg, second, **options)
 
 
 def update_cross_terms_(cross: Tensor, calibration: Tensor | None, outer: Tensor, beta2: float) -> None:

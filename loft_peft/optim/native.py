@@ -8,9 +8,9 @@ functions of :mod:`loft_peft.optim.kernels` compute, in fp32, up to rounding.
 The library is compiled once per machine and source (``cc -O3 -march=native -fopenmp``, under a second) into
 ``$LOFT_PEFT_CACHE`` (default ``~/.cache/loft_peft``), written atomically so that concurrent processes can share it.
 Where there is no compiler or compiling fails (:func:`library` returns ``None``, with a logged reason), or where
-``LOFT_PEFT_NATIVE=0`` is set, the optimizer uses PyTorch operations; nothing else changes. OpenMP: the library links ``libgomp.so.1``, which is the
-runtime PyTorch's own Linux wheels load, so the two share one thread pool; each call asks for
-``torch.get_num_threads()`` threads.
+``LOFT_PEFT_NATIVE=0`` is set, the optimizer uses PyTorch operations; nothing else changes. OpenMP: the library links
+``libgomp.so.1``, the runtime PyTorch's Linux wheels load under that name, so the two share one thread pool; each call
+asks for ``torch.get_num_threads()`` threads.
 """
 
 from __future__ import annotations
@@ -121,6 +121,7 @@ def _declare(handle: ctypes.CDLL) -> None:
     handle.loft_update_moments_scratch.restype = i64
     handle.loft_update_moments.argtypes = (
         [i32, i64, i64, i64] + [ptr, i64, i64, i64] + [ptr, ptr, f32, f32, i32] + [ptr, ptr, ptr]
+        + [ptr, i64, i64, i64, f32, f32, f32, ptr]
     )
     handle.loft_update_moments.restype = i32
     handle.loft_spd_inverse.argtypes = [i32, i64, i64, ptr, ctypes.c_double, ptr, ptr]
@@ -191,24 +192,33 @@ def update_moments_(
     beta2: float,
     full: bool,
     scratch: Tensor,
-) -> None:
+    simple_step: dict | None = None,
+) -> Tensor | None:
     """Blocks 2-4 for one side of L pairs, in place: the scaled gradient ``g (y^T y)^+``, the calibrated first
     moment and, with ``full``, the carried cross terms ``second`` (L, k, R), else Adam's elementwise second moment
     ``second`` (L, k, r) of the scaled gradient. ``calibration`` None is the identity. ``scratch``: at least
-    :func:`update_moments_scratch_size` elements."""
+    :func:`update_moments_scratch_size` elements. With ``simple_step`` (LoFT-simple: ``x``, the factor (L, k, r),
+    and ``decay``, ``scale``, ``eps``), returns ``decay x + scale m / (sqrt(v) + eps)`` from the new moments."""
     lib = library()
     layers, rows, rank = grad.shape
     pinv = other_gram_pinv.contiguous()
     calib = None if calibration is None else calibration.contiguous()
     _contiguous_checked(exp_avg, second)
+    if simple_step is not None and not full:
+        x, out = simple_step["x"], torch.empty(layers, rows, rank, dtype=grad.dtype, device=grad.device)
+        step_args = (x.data_ptr(), *_strides(x), simple_step["decay"], simple_step["scale"], simple_step["eps"])
+    else:
+        out, step_args = None, (None, 0, 0, 0, 1.0, 0.0, 0.0)
     failed = lib.loft_update_moments(
         torch.get_num_threads(), layers, rows, rank,
         grad.data_ptr(), *_strides(grad),
         pinv.data_ptr(), None if calib is None else calib.data_ptr(), beta1, beta2, int(full),
         exp_avg.data_ptr(), second.data_ptr(), scratch.data_ptr(),
+        *step_args, None if out is None else out.data_ptr(),
     )  # fmt: skip
     if failed:
         raise MemoryError("LoFT native kernel: out of memory for its per-thread buffers")
+    return out
 
 
 def update_moments_scratch_size(layers: int, rank: int) -> int:

@@ -10,8 +10,8 @@
  * y (l, r); Gram pseudo-inverses and calibration matrices (r, r). Tensors that may be transposed views (the factors
  * and their gradients) come with explicit strides in elements.
  *
- * Written with GCC vector extensions (compiled with -march=native, so the 16-float vectors map to one AVX-512
- * register or two AVX2 ones), OpenMP over row blocks, no other dependency.
+ * Written with GCC vector extensions (GCC or clang, compiled with -march=native, so the 16-float vectors map to one
+ * AVX-512 register, two AVX2 ones or four NEON ones), OpenMP over row blocks, no other dependency.
  */
 #include <math.h>
 #include <stdint.h>
@@ -35,6 +35,13 @@
 typedef float vf __attribute__((vector_size(64)));
 typedef float vf_unaligned __attribute__((vector_size(64), aligned(4), may_alias));
 typedef int vi __attribute__((vector_size(64)));
+
+/* Keeps a loaded vector in a register instead of letting the compiler fold (repeat) the load into each use. */
+#if defined(__x86_64__) || defined(__i386__)
+#define KEEP_IN_REGISTER(x) __asm__("" : "+v"(x))
+#else
+#define KEEP_IN_REGISTER(x) ((void)0)
+#endif
 
 static inline vf load(const float *p) { return *(const vf_unaligned *)p; }
 static inline void store(float *p, vf x) { *(vf_unaligned *)p = x; }
@@ -93,7 +100,7 @@ static inline __attribute__((always_inline)) void adam_tile(
 #pragma GCC unroll 16
         for (int v = 0; v < JV; v++) {
             c[v] = load(row + v * VEC);
-            __asm__("" : "+v"(c[v])); /* keep the loaded vectors in registers instead of reloading them per row */
+            KEEP_IN_REGISTER(c[v]);
         }
 #pragma GCC unroll 16
         for (int i = 0; i < BR; i++) {
@@ -291,7 +298,7 @@ static inline __attribute__((always_inline)) void congruence_rows(
 #pragma GCC unroll 16
             for (int v = 0; v < TILE_VECS; v++) {
                 c[v] = load(congruence + q * padded + j + v * VEC);
-                __asm__("" : "+v"(c[v]));
+                KEEP_IN_REGISTER(c[v]);
             }
 #pragma GCC unroll 16
             for (int i = 0; i < BR; i++) {
@@ -394,12 +401,16 @@ int64_t loft_update_moments_scratch(int64_t layers, int64_t rank) {
 
 /* rank <= 256. full: second = cross (L, rows, R), else exp_avg_sq (L, rows, r); both C order, as exp_avg.
  * calibration (L, r, r) or NULL. scratch: loft_update_moments_scratch(...) floats (used when full and calibrated).
+ * LoFT-simple's step of the factor x (strided) from the new moments, when out (L, rows, r) is not NULL
+ * (kernels.simple_adam_update): out = decay x + step_scale m / (sqrt(v) + step_eps).
  * Returns 0, or 1 when a buffer could not be allocated (before anything is written, or with some rows updated). */
 int loft_update_moments(
     int threads, int64_t layers, int64_t rows, int64_t rank,
     const float *grad, int64_t g_layer, int64_t g_row, int64_t g_col,
     const float *other_pinv, const float *calibration, float beta1, float beta2, int full,
-    float *exp_avg, float *second, float *scratch)
+    float *exp_avg, float *second, float *scratch,
+    const float *x, int64_t x_layer, int64_t x_row, int64_t x_col, float decay, float step_scale, float step_eps,
+    float *out)
 {
     const int64_t packed = rank * (rank + 1) / 2, padded = round_up(packed, VEC);
     const int64_t chunks = (rows + CHUNK_ROWS - 1) / CHUNK_ROWS;
@@ -483,6 +494,11 @@ int loft_update_moments(
                         float *vi_ = sec + (i0 + i) * rank;
                         for (int64_t b = 0; b < rank; b++)
                             vi_[b] = vi_[b] * beta2 + (1.0f - beta2) * (scaled[i * rv + b] * scaled[i * rv + b]);
+                        if (out == NULL) continue;
+                        const float *xi = x + layer * x_layer + (i0 + i) * x_row, *mi_ = m + (i0 + i) * rank;
+                        float *oi = out + (layer * rows + i0 + i) * rank;
+                        for (int64_t b = 0; b < rank; b++)
+                            oi[b] = decay * xi[b * x_col] + step_scale * mi_[b] / (sqrtf(vi_[b]) + step_eps);
                     }
                     continue;
                 }
