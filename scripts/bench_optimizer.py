@@ -11,7 +11,8 @@ by
 
 Timing: every round times two consecutive steps of each method (for LoFT one moves B, the other A) in turn, in one
 process, rotating the order. A CPU's speed drifts (frequency, other processes), so ratios are taken within a round
-and the median over rounds is reported, next to each method's median time.
+and the median over rounds is reported, next to each method's median time. ``5/W`` is the part of LoFT's step spent in
+block 5 (the rebuilt full-space update, ``kernels.projected_adam_update``), over AdamW(W)'s step in the same round.
 
 Memory: ``state`` is the bytes of the optimizer state tensors per layer; ``bound`` is the issue's budget, LoRA's
 AdamW state plus (m+n) r (r+1)/2 floats of cross terms and (m+n) r floats of previous factors. ``scratch`` is the
@@ -30,6 +31,7 @@ Run with all cores (leave OMP_NUM_THREADS unset). Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -140,6 +142,26 @@ def _status_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
+@contextlib.contextmanager
+def _timed_block5():
+    """Accumulates the wall time spent in ``kernels.projected_adam_update`` (block 5) into the yielded one-item list."""
+    total = [0.0]
+    original = kernels.projected_adam_update
+
+    def timed(*args, **kwargs):
+        tic = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            total[0] += time.perf_counter() - tic
+
+    kernels.projected_adam_update = timed
+    try:
+        yield total
+    finally:
+        kernels.projected_adam_update = original
+
+
 def time_config(
     out_features: int, in_features: int, rank: int, rounds: int, budget_s: float, methods: tuple[str, ...] = METHODS
 ) -> dict:
@@ -149,19 +171,26 @@ def time_config(
             optimizer.step()
     times: dict[str, list[float]] = {method: [] for method in methods}
     ratios: dict[str, list[float]] = {method: [] for method in methods}
+    rebuild: list[float] = []  # LoFT's time inside block 5 (kernels.projected_adam_update), per step
+    rebuild_ratios: list[float] = []
     started = time.perf_counter()
     for round_index in range(rounds):
         order = methods[round_index % len(methods) :] + methods[: round_index % len(methods)]
         this_round = {}
         for method in order:
             optimizer = setups[method][1]
-            tic = time.perf_counter()
-            optimizer.step()
-            optimizer.step()
-            this_round[method] = (time.perf_counter() - tic) / 2
+            with _timed_block5() as block5:
+                tic = time.perf_counter()
+                optimizer.step()
+                optimizer.step()
+                this_round[method] = (time.perf_counter() - tic) / 2
+            if method == "loft":
+                rebuild.append(block5[0] / 2)
         for method in methods:
             times[method].append(this_round[method])
             ratios[method].append(this_round[method] / this_round["adamw-full"])
+        if rebuild:
+            rebuild_ratios.append(rebuild[-1] / this_round["adamw-full"])
         if time.perf_counter() - started > budget_s and round_index >= 4:
             break
     record = {
@@ -170,6 +199,8 @@ def time_config(
         "rounds": len(times["loft"]),
         "median_ms": {m: 1e3 * statistics.median(t) for m, t in times.items()},
         "min_ms": {m: 1e3 * min(t) for m, t in times.items()},
+        "loft_block5_median_ms": 1e3 * statistics.median(rebuild),
+        "loft_block5_ratio_to_adamw_full": statistics.median(rebuild_ratios),
         "ratio_to_adamw_full": {m: statistics.median(r) for m, r in ratios.items()},
         "ratio_to_adamw_factors": {
             m: statistics.median(a / b for a, b in zip(times[m], times["adamw-factors"])) for m in methods
@@ -223,7 +254,7 @@ def main() -> None:
     compiled = COMPILED in methods
     header = (
         f"{'shape':>11} {'r':>3} | {'LoFT':>8} {'simple':>8} {'AdamW(BA)':>9} {'AdamW(W)':>9} ms | "
-        f"{'LoFT/W':>6} {'simp/W':>6}{' comp/W' if compiled else ''} {'LoFT/BA':>7} | "
+        f"{'LoFT/W':>6} {'5/W':>5} {'simp/W':>6}{' comp/W' if compiled else ''} {'LoFT/BA':>7} | "
         f"{'state KB':>9} {'bound KB':>9} {'scratch MB':>10} {'largest MB':>10}"
     )
     print(header)
@@ -244,7 +275,7 @@ def main() -> None:
             largest = record.get("largest_allocation_bytes")
             print(
                 f"{shape:>11} {rank:>3} | {t['loft']:8.3f} {t['loft-simple']:8.3f} {t['adamw-factors']:9.3f} "
-                f"{t['adamw-full']:9.3f}    | {q['loft']:6.2f} {q['loft-simple']:6.2f}"
+                f"{t['adamw-full']:9.3f}    | {q['loft']:6.2f} {record['loft_block5_ratio_to_adamw_full']:5.2f} {q['loft-simple']:6.2f}"
                 f"{f' {q[COMPILED]:6.2f}' if compiled else ''} {record['ratio_to_adamw_factors']['loft']:7.2f} | "
                 f"{record['state_bytes']['loft'] / 1024:9.1f} {record['budget_bytes'] / 1024:9.1f} "
                 f"{'-' if scratch is None else f'{scratch / 2**20:.1f}':>10} "
