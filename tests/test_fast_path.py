@@ -10,6 +10,7 @@ random gradients.
 """
 
 import contextlib
+import os
 import warnings
 
 import pytest
@@ -423,6 +424,8 @@ def test_native_kernels_build_where_a_c_compiler_exists():
 
     if platform.system() != "Linux" or native._compiler() is None:
         pytest.skip("no C compiler here: the PyTorch operations are used")
+    if os.environ.get("LOFT_PEFT_NATIVE") == "0":
+        pytest.skip("the native kernels are disabled by LOFT_PEFT_NATIVE=0")
     assert native.library() is not None
     assert native.enabled()
 

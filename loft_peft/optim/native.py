@@ -7,8 +7,8 @@ functions of :mod:`loft_peft.optim.kernels` compute, in fp32, up to rounding.
 
 The library is compiled once per machine and source (``cc -O3 -march=native -fopenmp``, under a second) into
 ``$LOFT_PEFT_CACHE`` (default ``~/.cache/loft_peft``), written atomically so that concurrent processes can share it.
-Where there is no compiler or compiling fails (:func:`library` returns ``None``, with a logged reason), or where
-``LOFT_PEFT_NATIVE=0`` is set, the optimizer uses PyTorch operations; nothing else changes. OpenMP: the library links
+Where there is no compiler, compiling fails, or ``LOFT_PEFT_NATIVE=0`` is set (:func:`library` returns ``None``, with
+a logged reason), the optimizer uses PyTorch operations; nothing else changes. OpenMP: the library links
 ``libgomp.so.1``, the runtime PyTorch's Linux wheels load under that name, so the two share one thread pool; each call
 asks for ``torch.get_num_threads()`` threads.
 """
@@ -41,7 +41,8 @@ USE_NATIVE: bool | None = None
 
 
 def enabled() -> bool:
-    return USE_NATIVE is not False and os.environ.get("LOFT_PEFT_NATIVE", "1") != "0" and library() is not None
+    """Whether the kernels are used: they loaded here (:func:`library`) and :data:`USE_NATIVE` is not ``False``."""
+    return USE_NATIVE is not False and library() is not None
 
 
 def usable(x: Tensor) -> bool:
@@ -73,7 +74,11 @@ def _cpu_signature() -> str:
 
 @functools.lru_cache(maxsize=None)
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels, or ``None`` where they cannot be built or loaded here (logged once)."""
+    """The compiled kernels, or ``None`` where they cannot be built or loaded here or ``LOFT_PEFT_NATIVE=0`` is set
+    (read once, when the kernels are first needed; logged)."""
+    if os.environ.get("LOFT_PEFT_NATIVE", "1") == "0":
+        logger.info("LoFT native kernels: disabled by LOFT_PEFT_NATIVE=0; using PyTorch operations.")
+        return None
     if platform.system() != "Linux":
         logger.info("LoFT native kernels: only built on Linux; using PyTorch operations.")
         return None
