@@ -275,7 +275,8 @@ def main() -> None:
             largest = record.get("largest_allocation_bytes")
             print(
                 f"{shape:>11} {rank:>3} | {t['loft']:8.3f} {t['loft-simple']:8.3f} {t['adamw-factors']:9.3f} "
-                f"{t['adamw-full']:9.3f}    | {q['loft']:6.2f} {record['loft_block5_ratio_to_adamw_full']:5.2f} {q['loft-simple']:6.2f}"
+                f"{t['adamw-full']:9.3f}    | {q['loft']:6.2f} {record['loft_block5_ratio_to_adamw_full']:5.2f} "
+                f"{q['loft-simple']:6.2f}"
                 f"{f' {q[COMPILED]:6.2f}' if compiled else ''} {record['ratio_to_adamw_factors']['loft']:7.2f} | "
                 f"{record['state_bytes']['loft'] / 1024:9.1f} {record['budget_bytes'] / 1024:9.1f} "
                 f"{'-' if scratch is None else f'{scratch / 2**20:.1f}':>10} "

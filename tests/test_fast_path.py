@@ -29,7 +29,7 @@ BACKENDS = ["native", "onednn", "bmm"]
 
 
 @contextlib.contextmanager
-def _gemm_backend(name):
+def _backend(name):
     """Use the fused C kernels, oneDNN's GEMMs or torch.bmm for the large work (skipping a backend absent here)."""
     saved = kernels.USE_ONEDNN, native.USE_NATIVE
     kernels.USE_ONEDNN = None if name == "onednn" else False
@@ -45,8 +45,8 @@ def _gemm_backend(name):
 
 
 @pytest.fixture(params=BACKENDS)
-def gemm_backend(request):
-    with _gemm_backend(request.param):
+def backend(request):
+    with _backend(request.param):
         yield request.param
 
 
@@ -135,7 +135,7 @@ def _ids(options):
     ids=lambda x: _ids(x) if isinstance(x, dict) else x,
 )
 def test_fast_path_equals_reference_in_fp32_over_many_steps_and_shapes(options, backend):
-    with _gemm_backend(backend):
+    with _backend(backend):
         problem = _Problem(SHAPES + SHAPES[1:2] * 2, dtype=torch.float32, structured=True, scale=3.0, lr=1e-3, **options)
         start = [p.detach().clone() for p in problem.params[False]]
         worst = 0.0
@@ -248,7 +248,7 @@ def test_state_tensors_are_views_of_the_stacked_state_and_survive_replacement():
 
 # ------------------------------------------------------------------------------------------------- kernel functions
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
-def test_spd_pinv_equals_gram_pinv_on_regular_and_singular_grams(gemm_backend, dtype, tolerance):
+def test_spd_pinv_equals_gram_pinv_on_regular_and_singular_grams(backend, dtype, tolerance):
     generator = torch.Generator().manual_seed(0)
     factors = [
         torch.randn(40, 6, generator=generator, dtype=dtype),  # well conditioned: Cholesky
@@ -281,7 +281,7 @@ def test_packed_batch_functions_equal_the_reference_functions():
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 @pytest.mark.parametrize("rank, rows", [(1, 9), (3, 9), (16, 600)])
-def test_update_cross_terms_equals_reference(gemm_backend, dtype, tolerance, rank, rows):
+def test_update_cross_terms_equals_reference(backend, dtype, tolerance, rank, rows):
     generator = torch.Generator().manual_seed(rank)
     calib = torch.randn(2, rank, rank, generator=generator, dtype=dtype)
     scaled = torch.randn(2, rows, rank, generator=generator, dtype=dtype)
@@ -309,7 +309,7 @@ def _direction_inputs(dtype, layers=3, rows=37, length=29, rank=5, seed=0):
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 @pytest.mark.parametrize("floor", [0.0, maths.second_moment_floor(0.9, 0.999)])
 @pytest.mark.parametrize("block_elements", [1, 100, kernels.DEFAULT_BLOCK_ELEMENTS])
-def test_projected_adam_update_equals_reference_direction(gemm_backend, dtype, tolerance, floor, block_elements):
+def test_projected_adam_update_equals_reference_direction(backend, dtype, tolerance, floor, block_elements):
     x, exp_avg, cross, y = _direction_inputs(dtype)
     pinv = torch.stack([maths.gram_pinv(layer) for layer in y])
     options = dict(bias_correction1=0.271, bias_correction2=0.003, eps=1e-8)
@@ -350,7 +350,7 @@ def test_projected_adam_update_applies_the_floor_where_v_cancels():
     torch.testing.assert_close(new[0], expected, rtol=1e-12, atol=1e-12)
 
 
-def test_projected_adam_update_allocates_no_temporary_larger_than_a_block(gemm_backend):
+def test_projected_adam_update_allocates_no_temporary_larger_than_a_block(backend):
     """No single allocation comes near the (k, l) size: the full update never exists whole. The torch paths hold a
     block of rows (small here) and the (R, l) Khatri-Rao matrix; the native kernels only that matrix and the other
     factor's (r, l) two, no row block at all."""
@@ -378,7 +378,7 @@ def test_native_projected_update_equals_float64_reference_across_row_chunks_and_
     y = y.transpose(1, 2).contiguous().transpose(1, 2)  # as V = A^T: strided along the rows
     pinv = torch.stack([maths.gram_pinv(layer) for layer in y])
     options = dict(bias_correction1=0.271, bias_correction2=0.003, eps=1e-8)
-    with _gemm_backend("native"):
+    with _backend("native"):
         new = kernels.projected_adam_update(
             *(t.float() for t in (x, exp_avg, cross)), y.float(), pinv.float(), lr=0.05, decay=0.99, floor=floor,
             **options,
@@ -403,11 +403,12 @@ def test_native_moment_update_equals_the_torch_operations(full, beta1, rank, row
     pinv = kernels.gram_pinv(y)
     calibration = torch.eye(rank) + 0.1 * torch.randn(3, rank, rank, generator=generator)
     exp_avg = torch.randn(3, rows, rank, generator=generator)
-    second = kernels.packed_outer(torch.randn(3, rows, rank, generator=generator)) if full else torch.rand(3, rows, rank)
+    packed = kernels.packed_outer(torch.randn(3, rows, rank, generator=generator))
+    second = packed if full else torch.rand(3, rows, rank, generator=generator)
     for calib in (calibration, None):
         results = {}
         for backend in ("native", "bmm"):
-            with _gemm_backend(backend):
+            with _backend(backend):
                 state = exp_avg.clone(), second.clone()
                 kernels.update_moments_(
                     grad, pinv, calib, *state, beta1=beta1, beta2=0.99, full=full, workspace=kernels.Workspace()
@@ -431,8 +432,8 @@ def test_native_kernels_build_where_a_c_compiler_exists():
 
 
 def test_native_kernels_fall_back_to_pytorch_with_a_warning_when_the_build_fails(tmp_path, monkeypatch, caplog):
-    """A compiler that fails leaves a logged warning, no library in the cache, and an optimizer that still steps (through
-    the PyTorch operations) to the same result as with the kernels disabled."""
+    """A compiler that fails leaves a logged warning, no library in the cache, and an optimizer that still steps
+    (through the PyTorch operations) to the reference's result."""
     import logging
 
     monkeypatch.setenv("CC", "false")  # on PATH, fails on every call, including --version

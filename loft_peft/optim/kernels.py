@@ -255,7 +255,8 @@ def spd_pinv(gram: Tensor) -> Tensor:
     Cholesky's inverse equals the pseudo-inverse when the matrix is positive definite and well enough conditioned
     that the reference's cut-off (eigenvalues below ``r * eps`` of the largest) removes nothing. That is checked
     per matrix with ``cond(G) <= ||G||_F ||G^-1||_F <= 0.01 / (r * eps)``; the others (a factor still at zero, a
-    rank-deficient factor, r larger than the factor's rows) take the reference's eigendecomposition.
+    rank-deficient factor, r larger than the factor's rows) take the reference's eigendecomposition. With the native
+    kernels (fp32 on CPUs) the factorisation, inverse and check run in double precision in one call.
     """
     rank = gram.shape[-1]
     limit = 0.01 / (rank * torch.finfo(gram.dtype).eps)
@@ -348,6 +349,10 @@ def projected_adam_update(
         block_elements: about how many elements of a layer's (rows, l) block are formed at once.
         workspace: where the block temporaries live between calls (a fresh one if ``None``).
         compiled: do Adam's elementwise step in one ``torch.compile``-d pass (falls back to eager if that fails).
+
+    With the native kernels (fp32 on CPUs) the whole update is one call that holds only the (r, l) and (R, l) column
+    matrices (in ``workspace``) and register tiles of the (k, l) ones; ``block_elements`` and ``compiled`` apply to the
+    PyTorch path only.
 
     Returns:
         The new factor of each layer, (k, r) each, new tensors.

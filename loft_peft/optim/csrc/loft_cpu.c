@@ -250,7 +250,8 @@ int loft_projected_adam(
             float *o = out + layer * rows * rank;
             for (int64_t i = start; i < stop; i++)
                 for (int64_t b = 0; b < rank; b++)
-                    o[i * rank + b] = decay * x_layer_ptr[i * x_row + b * x_col] + hsum(partial[(i - start) * rank + b]);
+                    o[i * rank + b] =
+                        decay * x_layer_ptr[i * x_row + b * x_col] + hsum(partial[(i - start) * rank + b]);
         }
         free(partial);
     }
@@ -487,7 +488,8 @@ int loft_update_moments(
                     else
                         for (int64_t i = 0; i < br; i++)
                             rows_times_matrix(1, rank, rv, mi + i * rank, c_padded, moments + i * rv);
-                    for (int64_t i = 0; i < br; i++) lerp_into(rank, scaled + i * rv, moments + i * rv, beta1, mi + i * rank);
+                    for (int64_t i = 0; i < br; i++)
+                        lerp_into(rank, scaled + i * rv, moments + i * rv, beta1, mi + i * rank);
                 }
                 if (!full) {
                     for (int64_t i = 0; i < br; i++) {
