@@ -7,6 +7,10 @@ in any implementation (``test_fp32_run_stays_close_to_float64_run`` measures it)
 a different order then disagree there. The fp32 runs therefore use gradients whose full-space part is a positive
 rank-one matrix lying in both factors' spans, plus noise, which keeps ``m~`` away from zero; the fp64 runs use plain
 random gradients.
+
+The fast path's large work has three backends (the ``backend`` fixture): the fused C kernels of
+:mod:`loft_peft.optim.native` (the default for fp32 on CPUs; skipped where they cannot be built), oneDNN GEMMs and
+``torch.bmm``. Tests without the fixture run on the default.
 """
 
 import contextlib
