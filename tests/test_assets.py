@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -104,7 +103,7 @@ def test_stale_staging_folders_are_removed(tmp_path, fake_conversion):
     recent = tmp_path / ".smollm2-135m-instruct-fp32.running.tmp"
     stale.mkdir()
     recent.mkdir()
-    two_hours_ago = time.time() - 7200
+    two_hours_ago = stale.stat().st_mtime - 7200
     os.utime(stale, (two_hours_ago, two_hours_ago))
     assets.smollm2_path(tmp_path)
     assert not stale.exists()

@@ -72,6 +72,53 @@ static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 /* 64-byte aligned scratch (NULL when out of memory; the exported functions then report failure). */
 static inline void *scratch_alloc(size_t bytes) { return aligned_alloc(64, (size_t)round_up((int64_t)bytes, 64)); }
 
+/* The register tile every product here is made of: s[i][v] = sum_q rows[i * row_stride + q] matrix[q * ld + v * VEC],
+ * i < BR rows, v < JV vectors, q < inner (rows (BR, inner) times the JV * VEC columns of matrix (inner, .)). */
+static inline __attribute__((always_inline)) void product_tile(
+    const int BR, const int JV, int64_t inner, const float *rows, int64_t row_stride, const float *matrix, int64_t ld,
+    vf s[TILE_ROWS][TILE_VECS])
+{
+#pragma GCC unroll 16
+    for (int i = 0; i < BR; i++)
+#pragma GCC unroll 16
+        for (int v = 0; v < JV; v++) s[i][v] = splat(0.0f);
+    for (int64_t q = 0; q < inner; q++) {
+        vf c[TILE_VECS];
+#pragma GCC unroll 16
+        for (int v = 0; v < JV; v++) {
+            c[v] = load(matrix + q * ld + v * VEC);
+            KEEP_IN_REGISTER(c[v]);
+        }
+#pragma GCC unroll 16
+        for (int i = 0; i < BR; i++) {
+            const vf w = splat(rows[i * row_stride + q]);
+#pragma GCC unroll 16
+            for (int v = 0; v < JV; v++) s[i][v] += w * c[v];
+        }
+    }
+}
+
+/* out[i, :width] = rows[i, :] matrix for BR rows, in register tiles (width a multiple of VEC; out rows out_stride). */
+static inline __attribute__((always_inline)) void rows_times_matrix(
+    const int BR, int64_t inner, int64_t width, const float *rows, int64_t row_stride, const float *matrix,
+    int64_t ld, float *out, int64_t out_stride)
+{
+    vf s[TILE_ROWS][TILE_VECS];
+    int64_t j = 0;
+    for (; j + TILE_VECS * VEC <= width; j += TILE_VECS * VEC) {
+        product_tile(BR, TILE_VECS, inner, rows, row_stride, matrix + j, ld, s);
+#pragma GCC unroll 16
+        for (int i = 0; i < BR; i++)
+#pragma GCC unroll 16
+            for (int v = 0; v < TILE_VECS; v++) store(out + i * out_stride + j + v * VEC, s[i][v]);
+    }
+    for (; j < width; j += VEC) {
+        product_tile(BR, 1, inner, rows, row_stride, matrix + j, ld, s);
+#pragma GCC unroll 16
+        for (int i = 0; i < BR; i++) store(out + i * out_stride + j, s[i][0]);
+    }
+}
+
 /* ------------------------------------------------------------------------------------------------------------------
  * Block 5: kernels.projected_adam_update.
  *
@@ -90,25 +137,7 @@ static inline __attribute__((always_inline)) void adam_tile(
     vf *partial, float eps, int floored)
 {
     vf s[TILE_ROWS][TILE_VECS];
-#pragma GCC unroll 16
-    for (int i = 0; i < BR; i++)
-#pragma GCC unroll 16
-        for (int v = 0; v < JV; v++) s[i][v] = splat(0.0f);
-    for (int64_t q = 0; q < packed; q++) {
-        const float *row = second_cols + q * ld + j;
-        vf c[TILE_VECS];
-#pragma GCC unroll 16
-        for (int v = 0; v < JV; v++) {
-            c[v] = load(row + v * VEC);
-            KEEP_IN_REGISTER(c[v]);
-        }
-#pragma GCC unroll 16
-        for (int i = 0; i < BR; i++) {
-            vf w = splat(p[i * packed + q]);
-#pragma GCC unroll 16
-            for (int v = 0; v < JV; v++) s[i][v] += w * c[v];
-        }
-    }
+    product_tile(BR, JV, packed, p, packed, second_cols + j, ld, s);  /* v~ */
     const vf zero = splat(0.0f), veps = splat(eps);
 #pragma GCC unroll 16
     for (int i = 0; i < BR; i++) {
@@ -283,50 +312,6 @@ static void build_congruence(int64_t rank, int64_t padded, const float *c, float
         }
 }
 
-/* carried[i, :] = p[i, :] T for BR rows, into `carried` (BR rows of `padded` floats). */
-static inline __attribute__((always_inline)) void congruence_rows(
-    const int BR, int64_t packed, int64_t padded, const float *p, const float *congruence, float *carried)
-{
-    int64_t j = 0;
-    for (; j + TILE_VECS * VEC <= padded; j += TILE_VECS * VEC) {
-        vf s[TILE_ROWS][TILE_VECS];
-#pragma GCC unroll 16
-        for (int i = 0; i < BR; i++)
-#pragma GCC unroll 16
-            for (int v = 0; v < TILE_VECS; v++) s[i][v] = splat(0.0f);
-        for (int64_t q = 0; q < packed; q++) {
-            vf c[TILE_VECS];
-#pragma GCC unroll 16
-            for (int v = 0; v < TILE_VECS; v++) {
-                c[v] = load(congruence + q * padded + j + v * VEC);
-                KEEP_IN_REGISTER(c[v]);
-            }
-#pragma GCC unroll 16
-            for (int i = 0; i < BR; i++) {
-                vf w = splat(p[i * packed + q]);
-#pragma GCC unroll 16
-                for (int v = 0; v < TILE_VECS; v++) s[i][v] += w * c[v];
-            }
-        }
-#pragma GCC unroll 16
-        for (int i = 0; i < BR; i++)
-#pragma GCC unroll 16
-            for (int v = 0; v < TILE_VECS; v++) store(carried + i * padded + j + v * VEC, s[i][v]);
-    }
-    for (; j < padded; j += VEC) {
-        vf s[TILE_ROWS];
-#pragma GCC unroll 16
-        for (int i = 0; i < BR; i++) s[i] = splat(0.0f);
-        for (int64_t q = 0; q < packed; q++) {
-            vf c = load(congruence + q * padded + j);
-#pragma GCC unroll 16
-            for (int i = 0; i < BR; i++) s[i] += splat(p[i * packed + q]) * c;
-        }
-#pragma GCC unroll 16
-        for (int i = 0; i < BR; i++) store(carried + i * padded + j, s[i]);
-    }
-}
-
 /* torch.lerp(start, end, weight) = start + weight (end - start) on n floats into out, computed from the nearer end as
  * ATen does; the branch is outside the loops so that both vectorise. out may be end. */
 static inline void lerp_into(int64_t n, const float *start, const float *end, float weight, float *out) {
@@ -366,26 +351,6 @@ static void congruence_matrices(int64_t rank, int64_t rv, const float *p, const 
             store(row + v * VEC, acc);
         }
         for (int64_t t = s; t < rank; t++) out[q++] = row[t];
-    }
-}
-
-/* out[i, :] = rows[i, :] M for BR rows of r floats (rows[i * rank + a]), with M (r, rv) padded to whole vectors:
- * vector accumulators over the BR rows in registers, so that the r multiply-adds per vector do not form one chain
- * through memory. out rows hold rv floats. */
-static inline __attribute__((always_inline)) void rows_times_matrix(
-    const int BR, int64_t rank, int64_t rv, const float *rows, const float *matrix, float *out)
-{
-    for (int64_t v = 0; v < rv; v += VEC) {
-        vf acc[TILE_ROWS];
-#pragma GCC unroll 16
-        for (int i = 0; i < BR; i++) acc[i] = splat(0.0f);
-        for (int64_t a = 0; a < rank; a++) {
-            const vf w = load(matrix + a * rv + v);
-#pragma GCC unroll 16
-            for (int i = 0; i < BR; i++) acc[i] += splat(rows[i * rank + a]) * w;
-        }
-#pragma GCC unroll 16
-        for (int i = 0; i < BR; i++) store(out + i * rv + v, acc[i]);
     }
 }
 
@@ -473,10 +438,10 @@ int loft_update_moments(
                 for (int64_t i = 0; i < br; i++)
                     for (int64_t a = 0; a < rank; a++) grads[i * rank + a] = g[(i0 + i) * g_row + a * g_col];
                 if (br == TILE_ROWS)
-                    rows_times_matrix(TILE_ROWS, rank, rv, grads, pinv_padded, scaled);
+                    rows_times_matrix(TILE_ROWS, rank, rv, grads, rank, pinv_padded, rv, scaled, rv);
                 else
                     for (int64_t i = 0; i < br; i++)
-                        rows_times_matrix(1, rank, rv, grads + i * rank, pinv_padded, scaled + i * rv);
+                        rows_times_matrix(1, rank, rv, grads + i * rank, rank, pinv_padded, rv, scaled + i * rv, rv);
                 float *mi = m + i0 * rank;  /* br consecutive rows */
                 if (beta1 == 0.0f) {
                     for (int64_t i = 0; i < br; i++) memcpy(mi + i * rank, scaled + i * rv, rank * sizeof(float));
@@ -484,10 +449,10 @@ int loft_update_moments(
                     if (c == NULL)
                         for (int64_t i = 0; i < br; i++) memcpy(moments + i * rv, mi + i * rank, rank * sizeof(float));
                     else if (br == TILE_ROWS)
-                        rows_times_matrix(TILE_ROWS, rank, rv, mi, c_padded, moments);
+                        rows_times_matrix(TILE_ROWS, rank, rv, mi, rank, c_padded, rv, moments, rv);
                     else
                         for (int64_t i = 0; i < br; i++)
-                            rows_times_matrix(1, rank, rv, mi + i * rank, c_padded, moments + i * rv);
+                            rows_times_matrix(1, rank, rv, mi + i * rank, rank, c_padded, rv, moments + i * rv, rv);
                     for (int64_t i = 0; i < br; i++)
                         lerp_into(rank, scaled + i * rv, moments + i * rv, beta1, mi + i * rank);
                 }
@@ -511,10 +476,11 @@ int loft_update_moments(
                                             carried + i * padded);
                 } else if (carry) {
                     if (br == TILE_ROWS)
-                        congruence_rows(TILE_ROWS, packed, padded, p, congruence, carried);
+                        rows_times_matrix(TILE_ROWS, packed, padded, p, packed, congruence, padded, carried, padded);
                     else
                         for (int64_t i = 0; i < br; i++)
-                            congruence_rows(1, packed, padded, p + i * packed, congruence, carried + i * padded);
+                            rows_times_matrix(1, packed, padded, p + i * packed, packed, congruence, padded,
+                                              carried + i * padded, padded);
                 }
                 for (int64_t i = 0; i < br; i++) {
                     float *pi = p + i * packed;
