@@ -298,18 +298,22 @@ int loft_projected_adam(
  *   simple: v <- beta2 v + (1 - beta2) g~^2
  * ------------------------------------------------------------------------------------------------------------------ */
 
-/* T(C)[(s,t), (a,b)] = C[s,a] C[t,b] + [s < t] C[t,a] C[s,b], rows of `padded` floats (zero beyond R). */
-static void build_congruence(int64_t rank, int64_t padded, const float *c, float *out) {
-    int64_t row = 0;
-    for (int64_t s = 0; s < rank; s++)
-        for (int64_t t = s; t < rank; t++, row++) {
-            float *o = out + row * padded;
-            int64_t col = 0;
-            for (int64_t a = 0; a < rank; a++)
-                for (int64_t b = a; b < rank; b++, col++)
-                    o[col] = c[s * rank + a] * c[t * rank + b] + (s < t ? c[t * rank + a] * c[s * rank + b] : 0.0f);
-            for (; col < padded; col++) o[col] = 0.0f;
-        }
+/* Row (s, t) (the index-th in packed order) of T(C)[(s,t), (a,b)] = C[s,a] C[t,b] + [s < t] C[t,a] C[s,b], `padded`
+ * floats (zero beyond R). */
+static void congruence_row(int64_t rank, int64_t padded, int64_t index, const float *c, float *out) {
+    int64_t s = 0;
+    while (index >= rank - s) index -= rank - s++;
+    const int64_t t = s + index;
+    const float *cs = c + s * rank, *ct = c + t * rank;
+    int64_t col = 0;
+    for (int64_t a = 0; a < rank; col += rank - a, a++) {
+        const float csa = cs[a], cta = ct[a];
+        if (s < t)
+            for (int64_t b = a; b < rank; b++) out[col + b - a] = csa * ct[b] + cta * cs[b];
+        else
+            for (int64_t b = a; b < rank; b++) out[col + b - a] = csa * ct[b];
+    }
+    for (; col < padded; col++) out[col] = 0.0f;
 }
 
 /* torch.lerp(start, end, weight) = start + weight (end - start) on n floats into out, computed from the nearer end as
@@ -395,27 +399,28 @@ int loft_update_moments(
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
-        if (carry) {
+        if (carry && matrices) {
 #pragma omp for schedule(static)
-            for (int64_t layer = 0; layer < layers; layer++) {
-                const float *c = calibration + layer * rank * rank;
-                if (matrices) {
-                    float *padded_c = scratch + layer * rank * rv;
-                    for (int64_t a = 0; a < rank; a++)
-                        for (int64_t b = 0; b < rv; b++) padded_c[a * rv + b] = b < rank ? c[a * rank + b] : 0.0f;
-                } else {
-                    build_congruence(rank, padded, c, scratch + layer * packed * padded);
-                }
+            for (int64_t layer = 0; layer < layers; layer++)
+                pad_rows(rank, rv, calibration + layer * rank * rank, scratch + layer * rank * rv);
+        } else if (carry) {
+#pragma omp for schedule(static)
+            for (int64_t task = 0; task < layers * packed; task++) {  /* one row of T(C) */
+                const int64_t layer = task / packed;
+                congruence_row(rank, padded, task % packed, calibration + layer * rank * rank,
+                               scratch + task * padded);
             }
         }
         float *carried = scratch_alloc((size_t)TILE_ROWS * padded * sizeof(float));
         float *work = scratch_alloc((size_t)(rank * rank + rank * rv) * sizeof(float));
         float *matrices_padded = scratch_alloc((size_t)2 * rank * rv * sizeof(float));  /* (y^T y)^+, C */
-        const int missing = carried == NULL || work == NULL || matrices_padded == NULL;
+        float *outer = scratch_alloc((size_t)(padded + VEC) * sizeof(float));  /* one row's packed g~ g~^T */
+        const int missing = carried == NULL || work == NULL || matrices_padded == NULL || outer == NULL;
         failed |= missing;
-        /* rows of rv floats */
-        float grads[TILE_ROWS * 256], scaled[TILE_ROWS * 256] __attribute__((aligned(64)));
-        float moments[TILE_ROWS * 256] __attribute__((aligned(64))), outer[256];
+        /* rows of rv floats; scaled has one more vector, zero, read by the packed products of its last row */
+        float grads[TILE_ROWS * 256];
+        float scaled[TILE_ROWS * 256 + VEC] __attribute__((aligned(64))) = {0};
+        float moments[TILE_ROWS * 256] __attribute__((aligned(64)));
         int64_t padded_layer = -1;
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < layers * chunks; task++) {
@@ -484,18 +489,22 @@ int loft_update_moments(
                 }
                 for (int64_t i = 0; i < br; i++) {
                     float *pi = p + i * packed;
-                    const float *from = carry ? carried + i * padded : pi;
+                    const float *row = scaled + i * rv;
+                    /* Packed entries (s, s..r-1) are adjacent: whole vectors from s on, each run's last vector
+                     * spilling into the next run, which overwrites it (the buffer has a vector to spare). */
                     int64_t q = 0;
-                    for (int64_t s = 0; s < rank; q += rank - s, s++) {  /* packed entries (s, s..r-1) are adjacent */
-                        for (int64_t t = s; t < rank; t++) outer[t - s] = scaled[i * rv + s] * scaled[i * rv + t];
-                        lerp_into(rank - s, outer, from + q, beta2, pi + q);
+                    for (int64_t s = 0; s < rank; q += rank - s, s++) {
+                        const vf w = splat(row[s]);
+                        for (int64_t t = s; t < rank; t += VEC) store(outer + q + (t - s), w * load(row + t));
                     }
+                    lerp_into(packed, outer, carry ? carried + i * padded : pi, beta2, pi);
                 }
             }
         }
         free(carried);
         free(work);
         free(matrices_padded);
+        free(outer);
     }
     free(unpack);
     return failed;
