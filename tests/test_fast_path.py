@@ -371,11 +371,12 @@ def test_projected_adam_update_allocates_no_temporary_larger_than_a_block(backen
     assert largest <= max(2 * block_bytes, column_matrices_bytes) < rows * length * 4 // 16
 
 
-@pytest.mark.parametrize("rank", [1, 5, 16])
+@pytest.mark.parametrize("rank", [1, 5, 16, 20, 33])
 @pytest.mark.parametrize("floor", [0.0, maths.second_moment_floor(0.9, 0.999)])
 def test_native_projected_update_equals_float64_reference_across_row_chunks_and_column_blocks(rank, floor):
     """The C kernel's tiling seams: 300 rows (chunks of 32, tiles of 4, a tail row), 530 columns (blocks of 256, a
-    tail vector, padding), two layers, a strided other factor; against the reference direction in float64."""
+    tail vector, padding), two layers, a strided other factor, ranks below, at and past whole vectors of 16 (the
+    projection's sums are reduced 16 at a time, the rest one by one); against the reference direction in float64."""
     if not native.enabled():
         pytest.skip("the native kernels could not be built here (no C compiler?)")
     x, exp_avg, cross, y = _direction_inputs(torch.float64, layers=2, rows=300, length=530, rank=rank)

@@ -53,6 +53,22 @@ static inline float hsum(vf x) {
     return s;
 }
 
+/* The 16 sums of 16 vectors at once: (hsum(p[0]), ..., hsum(p[15])), by a transposing butterfly of 15 additions. */
+static inline vf hsum16(const vf *p) {
+    vf a[8], b[4], c[2];
+    for (int k = 0; k < 8; k++)  /* lanes 0-7: p[k], lanes 8-15: p[k + 8] */
+        a[k] = __builtin_shufflevector(p[k], p[k + 8], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+             + __builtin_shufflevector(p[k], p[k + 8], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int k = 0; k < 4; k++)  /* lanes 4g..4g+3: p[k + 4g] */
+        b[k] = __builtin_shufflevector(a[k], a[k + 4], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27)
+             + __builtin_shufflevector(a[k], a[k + 4], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (int k = 0; k < 2; k++)  /* lanes 2g, 2g+1: p[k + 2g] */
+        c[k] = __builtin_shufflevector(b[k], b[k + 2], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29)
+             + __builtin_shufflevector(b[k], b[k + 2], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+    return __builtin_shufflevector(c[0], c[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30)
+         + __builtin_shufflevector(c[0], c[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+}
+
 static inline vf vsqrt(vf x) {
     vf r;
 #pragma GCC unroll 16
@@ -86,8 +102,9 @@ static inline __attribute__((always_inline)) void product_tile(
         vf c[TILE_VECS];
 #pragma GCC unroll 16
         for (int v = 0; v < JV; v++) {
-            c[v] = load(matrix + q * ld + v * VEC);
-            KEEP_IN_REGISTER(c[v]);
+            vf loaded = load(matrix + q * ld + v * VEC);  /* not c[v] itself: that would keep c in memory */
+            KEEP_IN_REGISTER(loaded);
+            c[v] = loaded;
         }
 #pragma GCC unroll 16
         for (int i = 0; i < BR; i++) {
@@ -136,26 +153,17 @@ static inline __attribute__((always_inline)) void adam_tile(
     const float *m, const float *p, const float *first_cols, const float *second_cols, const float *projector,
     vf *partial, float eps, int floored)
 {
-    vf s[TILE_ROWS][TILE_VECS];
+    vf f[TILE_ROWS][TILE_VECS], s[TILE_ROWS][TILE_VECS];
+    product_tile(BR, JV, rank, m, rank, first_cols + j, ld, f);       /* a m~ (kept in L1 while v~ is formed) */
     product_tile(BR, JV, packed, p, packed, second_cols + j, ld, s);  /* v~ */
     const vf zero = splat(0.0f), veps = splat(eps);
 #pragma GCC unroll 16
-    for (int i = 0; i < BR; i++) {
-        vf f[TILE_VECS];
-#pragma GCC unroll 16
-        for (int v = 0; v < JV; v++) f[v] = zero;
-        for (int64_t a = 0; a < rank; a++) {
-            vf w = splat(m[i * rank + a]);
-            const float *row = first_cols + a * ld + j;
-#pragma GCC unroll 16
-            for (int v = 0; v < JV; v++) f[v] += w * load(row + v * VEC);
-        }
+    for (int i = 0; i < BR; i++)
 #pragma GCC unroll 16
         for (int v = 0; v < JV; v++) {
-            vf bound = floored ? vmax(s[i][v], f[v] * f[v]) : vmax(s[i][v], zero);
-            s[i][v] = f[v] / (vsqrt(bound) + veps);
+            vf bound = floored ? vmax(s[i][v], f[i][v] * f[i][v]) : vmax(s[i][v], zero);
+            s[i][v] = f[i][v] / (vsqrt(bound) + veps);
         }
-    }
     for (int64_t b = 0; b < rank; b++) {
         const float *row = projector + b * ld + j;
         vf c[TILE_VECS];
@@ -277,10 +285,16 @@ int loft_projected_adam(
             }
             const float *x_layer_ptr = x + layer * x_layer;
             float *o = out + layer * rows * rank;
-            for (int64_t i = start; i < stop; i++)
-                for (int64_t b = 0; b < rank; b++)
-                    o[i * rank + b] =
-                        decay * x_layer_ptr[i * x_row + b * x_col] + hsum(partial[(i - start) * rank + b]);
+            for (int64_t i = start; i < stop; i++) {
+                const vf *sums = partial + (i - start) * rank;
+                int64_t b = 0;
+                for (; b + VEC <= rank; b += VEC) {
+                    const vf sum = hsum16(sums + b);
+                    for (int64_t e = 0; e < VEC; e++)
+                        o[i * rank + b + e] = decay * x_layer_ptr[i * x_row + (b + e) * x_col] + sum[e];
+                }
+                for (; b < rank; b++) o[i * rank + b] = decay * x_layer_ptr[i * x_row + b * x_col] + hsum(sums[b]);
+            }
         }
         free(partial);
     }
