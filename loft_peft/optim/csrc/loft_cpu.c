@@ -341,11 +341,38 @@ static inline void lerp_into(int64_t n, const float *start, const float *end, fl
     }
 }
 
-/* Whether the cross terms are carried row by row as C^T P C (2 r^3 multiply-adds per row, vectors along rows of r)
- * instead of by the packed R x R matrix T(C) (R^2 per row, register tiles over 4 rows). The T(C) GEMM runs closer
- * to the FMA peak; measured on 1024 rows, the matrices win from r = 24 on (2x at r = 32, 8x at r = 64, where T(C)
- * no longer fits in cache). */
-static inline int carry_as_matrices(int64_t rank) { return rank >= 24; }
+/* Whether the cross terms are carried row by row as C^T P C (2 r^3 multiply-adds per row) instead of by the packed
+ * R x R matrix T(C) (R^2 per row, register tiles over 4 rows). The T(C) GEMM runs closer to the FMA peak, but
+ * measured on 1024 rows the matrices win at r = 16, where a row's work fits in registers (congruence_row16, 2.3x),
+ * and from r = 24 on (2x at r = 32, 8x at r = 64, where T(C) no longer fits in cache). */
+static inline int carry_as_matrices(int64_t rank) { return rank == VEC || rank >= 24; }
+
+/* congruence_matrices for r = 16 (one vector per row of C), with the 16 rows of L = P C in registers: L is built
+ * from the packed entries directly (entry (s, t) adds p_st C[t] to L[s] and, off the diagonal, p_st C[s] to L[t]),
+ * then row s of C^T L is stored whole at out + q_s - s, from the last row to the first, so that the entries left of
+ * the diagonal land in earlier rows' runs and are overwritten by them; c: C (16, 16). */
+static void congruence_row16(const float *p, const float *c, float *out) {
+    vf l[VEC];
+#pragma GCC unroll 16
+    for (int a = 0; a < VEC; a++) l[a] = splat(0.0f);
+#pragma GCC unroll 16
+    for (int s = 0, q = 0; s < VEC; s++) {
+        const vf cs = load(c + s * VEC);
+#pragma GCC unroll 16
+        for (int t = s; t < VEC; t++, q++) {
+            const vf w = splat(p[q]);
+            l[s] += w * load(c + t * VEC);
+            if (t > s) l[t] += w * cs;
+        }
+    }
+#pragma GCC unroll 16
+    for (int s = VEC - 1; s >= 0; s--) {
+        vf row = splat(0.0f);
+#pragma GCC unroll 16
+        for (int a = 0; a < VEC; a++) row += splat(c[a * VEC + s]) * l[a];
+        store(out + s * VEC - s * (s - 1) / 2 - s, row);
+    }
+}
 
 /* One row's carried cross terms, packed: C^T P C with P the symmetric (r, r) matrix of the packed row p. The work
  * matrices are (r, rv) with rv = r rounded up to whole vectors; `unpack` maps (a, b) to P's packed position. */
@@ -401,7 +428,7 @@ int loft_update_moments(
     const int carry = full && calibration != NULL, matrices = carry_as_matrices(rank);
     const int64_t rv = round_up(rank, VEC);
     int32_t *unpack = NULL;
-    if (carry && matrices) {
+    if (carry && matrices && rank != VEC) {
         unpack = malloc(rank * rank * sizeof(int32_t));
         if (unpack == NULL) return 1;
         for (int64_t a = 0; a < rank; a++)
@@ -489,7 +516,9 @@ int loft_update_moments(
                     continue;
                 }
                 float *p = sec + i0 * packed;
-                if (carry && matrices) {
+                if (carry && matrices && rank == VEC) {
+                    for (int64_t i = 0; i < br; i++) congruence_row16(p + i * packed, congruence, carried + i * padded);
+                } else if (carry && matrices) {
                     for (int64_t i = 0; i < br; i++)
                         congruence_matrices(rank, rv, p + i * packed, congruence, unpack, work, work + rank * rank,
                                             carried + i * padded);
