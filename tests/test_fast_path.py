@@ -402,6 +402,10 @@ def test_native_moment_update_equals_the_torch_operations(full, beta1, rank, row
     second moment) give what the PyTorch operations give, with and without a calibration, on strided gradients."""
     if not native.enabled():
         pytest.skip("the native kernels could not be built here (no C compiler?)")
+    _check_native_moments_against_torch(full, beta1, rank, rows)
+
+
+def _check_native_moments_against_torch(full, beta1, rank, rows):
     generator = torch.Generator().manual_seed(rank)
     grad = torch.randn(3, rank, rows, generator=generator).transpose(1, 2)  # V's gradient is a transposed view
     y = torch.randn(3, 2 * rank + 3, rank, generator=generator)
@@ -421,6 +425,27 @@ def test_native_moment_update_equals_the_torch_operations(full, beta1, rank, row
                 results[backend] = state
         for got, expected in zip(results["native"], results["bmm"]):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_native_kernels_built_without_avx512_equal_the_torch_operations(tmp_path, monkeypatch):
+    """The kernels' portable code (lane-by-lane masked moves instead of AVX-512's, as on CPUs without it), built with
+    ``-mno-avx512f``, computes blocks 2-5 as the PyTorch operations do."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64") or native._compiler() is None:
+        pytest.skip("needs an x86-64 C compiler")
+    monkeypatch.setattr(native, "FLAGS", native.FLAGS + ("-mno-avx512f",))
+    monkeypatch.setenv("LOFT_PEFT_CACHE", str(tmp_path))
+    native.library.cache_clear()
+    try:
+        with _backend("native"):
+            for full, rank in ((True, 5), (True, 16), (False, 16)):
+                _check_native_moments_against_torch(full, 0.9, rank, 37)
+        test_native_projected_update_equals_float64_reference_across_row_chunks_and_column_blocks(16, 0.01)
+        assert list(tmp_path.glob("*.so")), "the portable build must have been the one used"
+    finally:
+        monkeypatch.undo()
+        native.library.cache_clear()
 
 
 def test_native_kernels_build_where_a_c_compiler_exists():

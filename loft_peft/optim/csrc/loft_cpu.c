@@ -17,6 +17,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #define VEC 16         /* floats per vector */
 #ifndef TILE_ROWS
@@ -36,8 +39,9 @@ typedef float vf __attribute__((vector_size(64)));
 typedef float vf_unaligned __attribute__((vector_size(64), aligned(4), may_alias));
 typedef int vi __attribute__((vector_size(64)));
 
-/* Keeps a loaded vector in a register instead of letting the compiler fold (repeat) the load into each use. */
-#if defined(__x86_64__) || defined(__i386__)
+/* Keeps a loaded vector in a register instead of letting the compiler fold (repeat) the load into each use. Only
+ * where a 16-float vector is one register (AVX-512): elsewhere the constraint cannot be met and would fail the build. */
+#ifdef __AVX512F__
 #define KEEP_IN_REGISTER(x) __asm__("" : "+v"(x))
 #else
 #define KEEP_IN_REGISTER(x) ((void)0)
@@ -74,6 +78,32 @@ static inline vf vsqrt(vf x) {
 #pragma GCC unroll 16
     for (int i = 0; i < VEC; i++) r[i] = __builtin_sqrtf(x[i]);
     return r;
+}
+
+/* Lanes [lo, hi) of the vector at p, the others zero; and the store of lanes [lo, hi) of x to p, the others left
+ * untouched (neither touches memory outside the lanes). AVX-512 masked moves, else lane by lane. */
+static inline vf load_lanes(const float *p, int64_t lo, int64_t hi) {
+#ifdef __AVX512F__
+    return (vf)_mm512_maskz_loadu_ps((__mmask16)(((1u << hi) - 1) & ~((1u << lo) - 1)), p);
+#else
+    vf x = {0};
+    for (int64_t e = lo; e < hi; e++) x[e] = p[e];
+    return x;
+#endif
+}
+
+static inline void store_lanes(float *p, vf x, int64_t lo, int64_t hi) {
+#ifdef __AVX512F__
+    _mm512_mask_storeu_ps(p, (__mmask16)(((1u << hi) - 1) & ~((1u << lo) - 1)), (__m512)x);
+#else
+    for (int64_t e = lo; e < hi; e++) p[e] = x[e];
+#endif
+}
+
+/* torch.lerp(start, end, weight) = start + weight (end - start), from the nearer end as ATen computes it. */
+static inline vf lerp_vector(vf start, vf end, float weight) {
+    if (fabsf(weight) < 0.5f) return start + splat(weight) * (end - start);
+    return end - (end - start) * splat(1.0f - weight);
 }
 
 /* max(a, b) that keeps a NaN of either side, as torch.maximum does. */
@@ -343,15 +373,16 @@ static inline void lerp_into(int64_t n, const float *start, const float *end, fl
 
 /* Whether the cross terms are carried row by row as C^T P C (2 r^3 multiply-adds per row) instead of by the packed
  * R x R matrix T(C) (R^2 per row, register tiles over 4 rows). The T(C) GEMM runs closer to the FMA peak, but
- * measured on 1024 rows the matrices win at r = 16, where a row's work fits in registers (congruence_row16, 2.3x),
+ * measured on 1024 rows the matrices win at r = 16, where a row's work fits in registers (carry_and_update_row16, 2.3x),
  * and from r = 24 on (2x at r = 32, 8x at r = 64, where T(C) no longer fits in cache). */
 static inline int carry_as_matrices(int64_t rank) { return rank == VEC || rank >= 24; }
 
-/* congruence_matrices for r = 16 (one vector per row of C), with the 16 rows of L = P C in registers: L is built
- * from the packed entries directly (entry (s, t) adds p_st C[t] to L[s] and, off the diagonal, p_st C[s] to L[t]),
- * then row s of C^T L is stored whole at out + q_s - s, from the last row to the first, so that the entries left of
- * the diagonal land in earlier rows' runs and are overwritten by them; c: C (16, 16). */
-static void congruence_row16(const float *p, const float *c, float *out) {
+/* For r = 16 (one vector per row of C), the whole update of a row's cross terms in registers:
+ * p <- lerp(g~ g~^T, C^T P C, beta2), packed, in place. L = P C is built from the packed entries directly (entry
+ * (s, t) adds p_st C[t] to L[s] and, off the diagonal, p_st C[s] to L[t]); row s of C^T L, lerped with g~_s g~,
+ * then has lanes t >= s stored at p + q_s - s (q_s: the packed start of row s). c: C (16, 16); g: the scaled
+ * gradient's row. */
+static void carry_and_update_row16(float *p, const float *c, vf g, float beta2) {
     vf l[VEC];
 #pragma GCC unroll 16
     for (int a = 0; a < VEC; a++) l[a] = splat(0.0f);
@@ -366,11 +397,11 @@ static void congruence_row16(const float *p, const float *c, float *out) {
         }
     }
 #pragma GCC unroll 16
-    for (int s = VEC - 1; s >= 0; s--) {
+    for (int s = 0; s < VEC; s++) {
         vf row = splat(0.0f);
 #pragma GCC unroll 16
         for (int a = 0; a < VEC; a++) row += splat(c[a * VEC + s]) * l[a];
-        store(out + s * VEC - s * (s - 1) / 2 - s, row);
+        store_lanes(p + s * VEC - s * (s - 1) / 2 - s, lerp_vector(splat(g[s]) * g, row, beta2), s, VEC);
     }
 }
 
@@ -517,7 +548,9 @@ int loft_update_moments(
                 }
                 float *p = sec + i0 * packed;
                 if (carry && matrices && rank == VEC) {
-                    for (int64_t i = 0; i < br; i++) congruence_row16(p + i * packed, congruence, carried + i * padded);
+                    for (int64_t i = 0; i < br; i++)
+                        carry_and_update_row16(p + i * packed, congruence, load(scaled + i * rv), beta2);
+                    continue;
                 } else if (carry && matrices) {
                     for (int64_t i = 0; i < br; i++)
                         congruence_matrices(rank, rv, p + i * packed, congruence, unpack, work, work + rank * rank,
@@ -533,6 +566,18 @@ int loft_update_moments(
                 for (int64_t i = 0; i < br; i++) {
                     float *pi = p + i * packed;
                     const float *row = scaled + i * rv;
+                    if (rank <= VEC) {
+                        /* Lane t of the vector at q_s - s is entry (s, t), lanes below s masked. The whole row is
+                         * read before any of it is written: a load overlapping a pending masked store stalls. */
+                        const vf g = load(row);
+                        const float *from = carry ? carried + i * padded : pi;
+                        vf old[VEC];
+                        for (int64_t s = 0, q = 0; s < rank; q += rank - s, s++)
+                            old[s] = load_lanes(from + q - s, s, rank);
+                        for (int64_t s = 0, q = 0; s < rank; q += rank - s, s++)
+                            store_lanes(pi + q - s, lerp_vector(splat(row[s]) * g, old[s], beta2), s, rank);
+                        continue;
+                    }
                     /* Packed entries (s, s..r-1) are adjacent: whole vectors from s on, each run's last vector
                      * spilling into the next run, which overwrites it (the buffer has a vector to spare). */
                     int64_t q = 0;
