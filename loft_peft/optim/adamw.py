@@ -261,15 +261,14 @@ class LoftAdamW(LoftOptimizerBase):
         # and keeps its Gram pseudo-inverse from the last step.
         same_u, same_u_mask = _compare(t["u:prev"], u)
         same_v, same_v_mask = _compare(t["v:prev"], v)
+        # Block 3's calibration matrices: m^U is carried by C^V (V changed since the last step), m^V by C^U.
         cache = stacked.gram_pinv if whole else None
-        pinv_u = self._gram_pinv(b_params, u, cache["u"] if cache is not None and same_u else None)
-        pinv_v = self._gram_pinv(a_params, v, cache["v"] if cache is not None and same_v else None)
-        calib_for_u = calib_for_v = None  # block 3
-        if group["calibrate"]:
-            if not same_v:
-                calib_for_u = _calibration(t["v:prev"], v, pinv_v, same_v_mask)
-            if not same_u:
-                calib_for_v = _calibration(t["u:prev"], u, pinv_u, same_u_mask)
+        pinv_u, calib_for_v = self._gram_pinv_and_calibration(
+            group, b_params, u, t["u:prev"], cache["u"] if cache is not None and same_u else None, same_u, same_u_mask
+        )
+        pinv_v, calib_for_u = self._gram_pinv_and_calibration(
+            group, a_params, v, t["v:prev"], cache["v"] if cache is not None and same_v else None, same_v, same_v_mask
+        )
         t["u:step"].add_(1.0)
         step += 1.0
         move_b = not group["alternate"] or phase == MOVE_B
@@ -333,11 +332,25 @@ class LoftAdamW(LoftOptimizerBase):
         if whole:
             stacked.gram_pinv = {"u": pinv_u, "v": pinv_v}  # the pseudo-inverses of the factors now in "prev"
 
-    def _gram_pinv(self, params: list[Tensor], stacked: Tensor, cached: Tensor | None) -> Tensor:
-        if cached is not None:
-            return cached
-        from_norm = self.cached_gram_pinv(params, stacked)
-        return from_norm if from_norm is not None else kernels.gram_pinv(stacked)
+    def _gram_pinv_and_calibration(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        current: Tensor,
+        prev: Tensor,
+        cached: Tensor | None,
+        same: bool,
+        same_mask: Tensor | None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """``(y^T y)^+`` of the factors ``current`` (from ``cached``, the norm computation, or computed) and, where they
+        changed since the last step and ``group["calibrate"]``, eq. (7)'s ``C`` for the other side's moments."""
+        calibrate = group["calibrate"] and not same
+        pinv = cached if cached is not None else self.cached_gram_pinv(params, current)
+        if pinv is None and calibrate and same_mask is None:
+            return kernels.gram_pinv_and_calibration(current, prev)  # one pass over both factors
+        if pinv is None:
+            pinv = kernels.gram_pinv(current)
+        return pinv, (_calibration(prev, current, pinv, same_mask) if calibrate else None)
 
 
 class _StackedState:
@@ -388,7 +401,7 @@ def _compare(prev: Tensor, current: Tensor) -> tuple[bool, Tensor | None]:
 
 def _calibration(prev: Tensor, current: Tensor, current_pinv: Tensor, same_mask: Tensor | None) -> Tensor:
     """Eq. (7)'s ``C`` per layer, exactly the identity for layers whose factor did not change (as the reference)."""
-    calib = torch.bmm(torch.bmm(prev.transpose(1, 2), current), current_pinv)
+    calib = kernels.calibration_matrices(prev, current, current_pinv)
     if same_mask is not None:
         eye = torch.eye(calib.shape[-1], dtype=calib.dtype, device=calib.device)
         calib = torch.where(same_mask[:, None, None], eye, calib)

@@ -7,8 +7,9 @@ steps and shapes). Where the speed comes from:
 
 * On CPUs in fp32, the fused C kernels of :mod:`loft_peft.optim.native` (built on first use where a C compiler is
   found): block 5 (:func:`projected_adam_update`) as register tiles of the (k, l) moments that never leave the cache,
-  blocks 2-4 (:func:`update_moments_`) row block by row block, and the Cholesky inverses of :func:`spd_pinv`. The
-  rest of this module is their PyTorch fallback, and the path for GPUs and float64.
+  blocks 2-4 (:func:`update_moments_`) row block by row block, and the Gram matrices with their Cholesky inverses
+  and calibration matrices (:func:`gram_pinv_and_calibration`). The rest of this module is their PyTorch fallback,
+  and the path for GPUs and float64.
 * Gram pseudo-inverses by a batched Cholesky factorisation (:func:`spd_pinv`); the eigendecomposition of
   :func:`maths.gram_pinv` is kept for the matrices where the two could differ (singular or ill-conditioned ones).
 * The projected Adam update (:func:`projected_adam_update`, block 5) never forms a (k, l) matrix larger than a row
@@ -254,33 +255,56 @@ def spd_pinv(gram: Tensor) -> Tensor:
 
     Cholesky's inverse equals the pseudo-inverse when the matrix is positive definite and well enough conditioned
     that the reference's cut-off (eigenvalues below ``r * eps`` of the largest) removes nothing. That is checked
-    per matrix with ``cond(G) <= ||G||_F ||G^-1||_F <= 0.01 / (r * eps)``; the others (a factor still at zero, a
-    rank-deficient factor, r larger than the factor's rows) take the reference's eigendecomposition. With the native
-    kernels (fp32 on CPUs) the factorisation, inverse and check run in double precision in one call.
+    per matrix with ``cond(G) <= ||G||_F ||G^-1||_F <= _inverse_limit(G)``; the others (a factor still at zero, a
+    rank-deficient factor, r larger than the factor's rows) take the reference's eigendecomposition.
     """
-    rank = gram.shape[-1]
-    limit = 0.01 / (rank * torch.finfo(gram.dtype).eps)
-    if native.usable(gram):
-        inverse, rejected = native.spd_inverse(gram, limit)
-        if rejected is not None:
-            inverse[rejected] = torch.linalg.pinv(gram[rejected], hermitian=True)
-        return inverse
     chol, info = torch.linalg.cholesky_ex(gram)
     # cholesky_inverse raises on a zero pivot, which a failed factorisation can leave; those matrices are redone below,
     # and a valid factor's diagonal is positive, so flooring the diagonal changes nothing else.
     chol.diagonal(dim1=-2, dim2=-1).clamp_(min=torch.finfo(gram.dtype).tiny)
     inverse = torch.cholesky_inverse(chol)
     bound = torch.linalg.matrix_norm(gram).mul_(torch.linalg.matrix_norm(inverse))
-    accepted = (bound <= limit).logical_and_(info == 0)  # a NaN bound is not accepted
+    accepted = (bound <= _inverse_limit(gram)).logical_and_(info == 0)  # a NaN bound is not accepted
     if not bool(accepted.all()):
         rejected = (~accepted).nonzero().squeeze(1)
         inverse[rejected] = torch.linalg.pinv(gram[rejected], hermitian=True)
     return inverse
 
 
+def _inverse_limit(x: Tensor) -> float:
+    """The bound on ``||G||_F ||G^-1||_F`` under which a Cholesky inverse is taken as the pseudo-inverse."""
+    return 0.01 / (x.shape[-1] * torch.finfo(x.dtype).eps)
+
+
 def gram_pinv(y: Tensor) -> Tensor:
-    """:func:`maths.gram_pinv` for a batch: ``(y^T y)^+`` of (L, l, r) factors, (L, r, r)."""
-    return spd_pinv(torch.bmm(y.transpose(1, 2), y))
+    """:func:`maths.gram_pinv` for a batch: ``(y^T y)^+`` of (L, l, r) factors, (L, r, r).
+
+    With the native kernels (fp32 on CPUs) the Gram matrices are summed, factorised and checked in double precision
+    in one call; otherwise :func:`spd_pinv` of ``torch.bmm``'s Gram matrices.
+    """
+    return gram_pinv_and_calibration(y, None)[0]
+
+
+def gram_pinv_and_calibration(y: Tensor, prev: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """:func:`gram_pinv` of the factors ``y`` (L, l, r) and, with their previous values ``prev`` (L, l, r), eq. (7)'s
+    calibration matrices ``C = prev^T y (y^T y)^+`` (:func:`maths.calibration_matrix`), (L, r, r); ``None`` without."""
+    if native.usable(y):
+        inverse, gram, rejected, calibration = native.gram_inverse(y, _inverse_limit(y), prev)
+        if rejected is not None:
+            inverse[rejected] = torch.linalg.pinv(gram[rejected], hermitian=True)
+            if prev is not None:
+                calibration[rejected] = calibration_matrices(prev[rejected], y[rejected], inverse[rejected])
+        return inverse, calibration
+    inverse = spd_pinv(torch.bmm(y.transpose(1, 2), y))
+    return inverse, (None if prev is None else calibration_matrices(prev, y, inverse))
+
+
+def calibration_matrices(prev: Tensor, y: Tensor, y_gram_pinv: Tensor) -> Tensor:
+    """:func:`maths.calibration_matrix` for a batch: ``prev^T y (y^T y)^+``, (L, r, r). With the native kernels, the
+    same bits as :func:`gram_pinv_and_calibration` gives for the same inputs."""
+    if native.usable(y):
+        return native.calibration(prev, y, y_gram_pinv)
+    return torch.bmm(torch.bmm(prev.transpose(1, 2), y), y_gram_pinv)
 
 
 def effective_grad_sq_norm(grad: Tensor, other_gram_pinv: Tensor) -> Tensor:

@@ -129,8 +129,10 @@ def _declare(handle: ctypes.CDLL) -> None:
         + [ptr, i64, i64, i64, f32, f32, f32, ptr]
     )
     handle.loft_update_moments.restype = i32
-    handle.loft_spd_inverse.argtypes = [i32, i64, i64, ptr, ctypes.c_double, ptr, ptr]
-    handle.loft_spd_inverse.restype = i64
+    handle.loft_gram_inverse.argtypes = (
+        [i32, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, ctypes.c_double] + [ptr, ptr, ptr, ptr]
+    )
+    handle.loft_gram_inverse.restype = i64
 
 
 def _strides(x: Tensor) -> tuple[int, int, int]:
@@ -230,15 +232,40 @@ def update_moments_scratch_size(layers: int, rank: int) -> int:
     return int(library().loft_update_moments_scratch(layers, rank))
 
 
-def spd_inverse(gram: Tensor, limit: float) -> tuple[Tensor, Tensor | None]:
-    """Inverses of the (L, r, r) fp32 Gram matrices by a double-precision Cholesky factorisation, and the layers whose
-    inverse is *not* accepted (the factorisation failed or ``||G||_F ||G^-1||_F > limit``), ``None`` when all are.
-    The rejected layers' entries are left unset."""
-    gram = gram.contiguous()
-    layers, rank = gram.shape[0], gram.shape[-1]
+def gram_inverse(
+    y: Tensor, limit: float, prev: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """For (L, l, r) fp32 factors ``y`` (strided views allowed): the inverses of their Gram matrices ``y^T y``,
+    summed and factorised (Cholesky) in double precision; the Gram matrices (fp32); the layers whose inverse is *not*
+    accepted (the factorisation failed or ``||G||_F ||G^-1||_F > limit``), ``None`` when all are; and with ``prev``
+    (L, l, r), the calibration matrices ``prev^T y G^-1`` (eq. 7) as :func:`calibration` computes them from the fp32
+    inverse. A rejected layer's inverse and calibration are left unset."""
+    layers, length, rank = y.shape
+    gram = torch.empty(layers, rank, rank, dtype=y.dtype)
     out = torch.empty_like(gram)
+    calibration = None if prev is None else torch.empty_like(gram)
     accepted = torch.empty(layers, dtype=torch.int32)
-    count = library().loft_spd_inverse(
-        torch.get_num_threads(), layers, rank, gram.data_ptr(), limit, out.data_ptr(), accepted.data_ptr()
-    )
-    return out, (None if count == layers else (accepted == 0).nonzero().squeeze(1))
+    count = _gram_inverse(y, prev, None, limit, gram, out, calibration, accepted)
+    return out, gram, (None if count == layers else (accepted == 0).nonzero().squeeze(1)), calibration
+
+
+def calibration(prev: Tensor, y: Tensor, y_gram_pinv: Tensor) -> Tensor:
+    """Eq. (7)'s ``prev^T y (y^T y)^+`` for (L, l, r) fp32 factors (``y`` strided views allowed), the products summed
+    in double precision, (L, r, r)."""
+    out = torch.empty(y.shape[0], y.shape[-1], y.shape[-1], dtype=y.dtype)
+    accepted = torch.empty(y.shape[0], dtype=torch.int32)
+    _gram_inverse(y, prev, y_gram_pinv.contiguous(), 0.0, None, None, out, accepted)
+    return out
+
+
+def _gram_inverse(y, prev, given, limit, gram, out, calibration, accepted) -> int:
+    prev = None if prev is None else prev.contiguous()
+    layers, length, rank = y.shape
+    count = library().loft_gram_inverse(
+        torch.get_num_threads(), layers, length, rank, y.data_ptr(), *_strides(y),
+        *(None if t is None else t.data_ptr() for t in (prev, given)), limit,
+        *(None if t is None else t.data_ptr() for t in (gram, out, calibration, accepted)),
+    )  # fmt: skip
+    if count < 0 or (given is not None and count != layers):
+        raise MemoryError("LoFT native kernel: out of memory for the Gram matrices")
+    return count

@@ -599,15 +599,15 @@ int loft_update_moments(
 }
 
 /* ------------------------------------------------------------------------------------------------------------------
- * kernels.spd_pinv's fast case: the inverse of each symmetric positive definite (r, r) Gram matrix by a Cholesky
- * factorisation in double precision, and whether it is accepted: the factorisation succeeded and
- * ||G||_F ||G^-1||_F <= limit (then the inverse is the pseudo-inverse the reference computes). The caller redoes
- * the rejected matrices with an eigendecomposition.
+ * kernels.gram_pinv (and kernels.gram_pinv_and_calibration): G = y^T y accumulated in double precision, its inverse
+ * by a Cholesky factorisation, accepted when the factorisation succeeded and ||G||_F ||G^-1||_F <= limit (then it is
+ * the pseudo-inverse the reference computes; the caller redoes the rejected matrices with an eigendecomposition),
+ * and with the previous factor also eq. (7)'s C = prev^T y G^-1.
  * ------------------------------------------------------------------------------------------------------------------ */
-static int spd_inverse(int64_t rank, const float *gram, double limit, float *out, double *work) {
-    double *l = work, *inv = work + rank * rank;  /* lower Cholesky factor, then the inverse */
+static int spd_inverse(int64_t rank, const double *gram, double limit, double *inv, double *work) {
+    double *l = work, *linv = work + rank * rank;  /* lower Cholesky factor and its inverse */
     double gram_norm = 0.0;
-    for (int64_t e = 0; e < rank * rank; e++) gram_norm += (double)gram[e] * gram[e];
+    for (int64_t e = 0; e < rank * rank; e++) gram_norm += gram[e] * gram[e];
     for (int64_t j = 0; j < rank; j++) {
         double d = gram[j * rank + j];
         for (int64_t k = 0; k < j; k++) d -= l[j * rank + k] * l[j * rank + k];
@@ -621,7 +621,6 @@ static int spd_inverse(int64_t rank, const float *gram, double limit, float *out
         }
     }
     /* L^-1 (lower triangular) column by column, then G^-1 = L^-T L^-1. */
-    double *linv = inv + rank * rank;
     for (int64_t c = 0; c < rank; c++)
         for (int64_t i = 0; i < rank; i++) {
             if (i < c) { linv[i * rank + c] = 0.0; continue; }
@@ -637,22 +636,86 @@ static int spd_inverse(int64_t rank, const float *gram, double limit, float *out
             inv[i * rank + j] = inv[j * rank + i] = x;
             inverse_norm += (i == j ? 1.0 : 2.0) * x * x;
         }
-    if (!(sqrt(gram_norm) * sqrt(inverse_norm) <= limit)) return 0;
-    for (int64_t e = 0; e < rank * rank; e++) out[e] = (float)inv[e];
-    return 1;
+    return sqrt(gram_norm) * sqrt(inverse_norm) <= limit;
 }
 
-/* gram, out: (L, r, r), C order. accepted: L ints. Returns how many were accepted. */
-int64_t loft_spd_inverse(int threads, int64_t layers, int64_t rank, const float *gram, double limit, float *out,
-                         int32_t *accepted) {
+/* Over rows [start, stop) of one layer: sums[0:r*r] += y^T y (with gram_too) and, with prev,
+ * sums[r*r:2*r*r] += prev^T y; GRAM_ROWS rows at a time, so that each sum is loaded and stored once per block. */
+#define GRAM_ROWS 8
+static void gram_rows(int64_t start, int64_t stop, int64_t rank, const float *y, int64_t y_row, int64_t y_col,
+                      const float *prev, int gram_too, double *sums) {
+    double yj[GRAM_ROWS][256], pj[GRAM_ROWS][256];
+    double *restrict gram = sums, *restrict cross = sums + rank * rank;
+    for (int64_t j0 = start; j0 < stop; j0 += GRAM_ROWS) {
+        const int64_t n = min64(GRAM_ROWS, stop - j0);
+        for (int64_t k = 0; k < GRAM_ROWS; k++)  /* rows past stop count as zero */
+            for (int64_t a = 0; a < rank; a++) {
+                yj[k][a] = k < n ? y[(j0 + k) * y_row + a * y_col] : 0.0;
+                pj[k][a] = k < n && prev != NULL ? prev[(j0 + k) * rank + a] : 0.0;
+            }
+        for (int64_t a = 0; a < rank; a++)
+            for (int64_t b = 0; b < rank; b++) {
+                double g = 0.0, x = 0.0;
+#pragma GCC unroll 8
+                for (int64_t k = 0; k < GRAM_ROWS; k++) {
+                    g += yj[k][a] * yj[k][b];
+                    x += pj[k][a] * yj[k][b];
+                }
+                if (gram_too) gram[a * rank + b] += g;
+                if (prev != NULL) cross[a * rank + b] += x;
+            }
+    }
+}
+
+/* rank <= 256. y (L, l, r) strided; prev (L, l, r) C order or NULL; gram, out, calibration (L, r, r) C order.
+ * Without given: the Gram matrices (in fp32, for the caller's eigendecomposition of rejected ones) into gram, the
+ * accepted inverses into out, and with prev the calibration matrices prev^T y out. With given (L, r, r) inverses,
+ * only calibration = prev^T y given. A layer's sums are always its first half of rows plus its second half, so the
+ * same inputs give the same bits for any thread count and batch. accepted: L ints. Returns how many inverses were
+ * accepted (a rejected layer's out and calibration are left unset; L with given), or -1 when out of memory. */
+int64_t loft_gram_inverse(int threads, int64_t layers, int64_t length, int64_t rank, const float *y, int64_t y_layer,
+                          int64_t y_row, int64_t y_col, const float *prev, const float *given, double limit,
+                          float *gram, float *out, float *calibration, int32_t *accepted) {
+    const int64_t square = rank * rank, per_layer = 2 * square, half = length / 2;
+    double *sums = calloc((size_t)(2 * layers * per_layer), sizeof(double));  /* (L, 2 halves, gram | cross) */
+    if (sums == NULL) return -1;
     int64_t count = 0;
-#pragma omp parallel for schedule(static) num_threads(layers > 1 ? threads : 1) reduction(+ : count)
-    for (int64_t layer = 0; layer < layers; layer++) {
-        double *work = malloc(3 * rank * rank * sizeof(double));  /* NULL: not accepted, the caller redoes it */
-        accepted[layer] = work != NULL && spd_inverse(rank, gram + layer * rank * rank, limit,
-                                                      out + layer * rank * rank, work);
-        count += accepted[layer];
+#pragma omp parallel num_threads(threads) reduction(+ : count)
+    {
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < 2 * layers; task++) {
+            const int64_t layer = task / 2;
+            gram_rows(task % 2 ? half : 0, task % 2 ? length : half, rank, y + layer * y_layer, y_row, y_col,
+                      prev ? prev + layer * length * rank : NULL, given == NULL, sums + task * per_layer);
+        }
+        double *work = malloc(3 * square * sizeof(double));  /* NULL: not accepted, the caller redoes it */
+#pragma omp for schedule(static)
+        for (int64_t layer = 0; layer < layers; layer++) {
+            double *g = sums + 2 * layer * per_layer, *cross = g + square;
+            const double *second_half = g + per_layer;
+            for (int64_t e = 0; e < per_layer; e++) g[e] += second_half[e];
+            double *inv = work + 2 * square;
+            if (given != NULL) {
+                if (work == NULL) continue;  /* not counted: the caller raises */
+                for (int64_t e = 0; e < square; e++) inv[e] = given[layer * square + e];
+                accepted[layer] = 1;
+            } else {
+                for (int64_t e = 0; e < square; e++) gram[layer * square + e] = (float)g[e];
+                accepted[layer] = work != NULL && spd_inverse(rank, g, limit, inv, work);
+                if (!accepted[layer]) continue;
+                for (int64_t e = 0; e < square; e++) inv[e] = out[layer * square + e] = (float)inv[e];
+            }
+            count++;
+            if (prev == NULL) continue;
+            for (int64_t a = 0; a < rank; a++)  /* with the fp32 inverse, as a given one would be */
+                for (int64_t b = 0; b < rank; b++) {
+                    double x = 0.0;
+                    for (int64_t k = 0; k < rank; k++) x += cross[a * rank + k] * inv[k * rank + b];
+                    calibration[layer * square + a * rank + b] = (float)x;
+                }
+        }
         free(work);
     }
+    free(sums);
     return count;
 }
