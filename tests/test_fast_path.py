@@ -269,6 +269,26 @@ def test_spd_pinv_equals_gram_pinv_on_regular_and_singular_grams(backend, dtype,
     assert torch.equal(fast[1], torch.zeros_like(fast[1]))
 
 
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_gram_pinv_and_calibration_equal_the_reference_and_the_separate_calibration_bit_for_bit(
+    backend, dtype, tolerance
+):
+    """Eq. (7)'s C from the fused call equals maths.calibration_matrix (strided factors as V = A^T is, a singular
+    Gram whose inverse takes the eigendecomposition), and equals the separate calibration_matrices call on the same
+    inverse bit for bit: the step takes the former, or the latter when the norm computation already gave the inverse."""
+    generator = torch.Generator().manual_seed(1)
+    y = torch.randn(3, 6, 40, generator=generator, dtype=dtype).transpose(1, 2)  # (L, l, r), strided
+    y[1, :, 3:] = y[1, :, :3] @ torch.randn(3, 3, generator=generator, dtype=dtype)  # rank 3 of 6: rejected
+    prev = y + 0.1 * torch.randn(3, 40, 6, generator=generator, dtype=dtype)
+    pinv, calibration = kernels.gram_pinv_and_calibration(y, prev)
+    for i in range(3):
+        expected = maths.calibration_matrix(prev[i], y[i], maths.gram_pinv(y[i]))
+        scale = float(expected.abs().max())
+        assert float((calibration[i] - expected).abs().max()) <= tolerance * scale
+    assert torch.equal(kernels.calibration_matrices(prev, y, pinv), calibration)
+    assert torch.equal(kernels.gram_pinv(y), pinv)
+
+
 def test_packed_batch_functions_equal_the_reference_functions():
     generator = torch.Generator().manual_seed(0)
     for rank in (1, 2, 5):

@@ -322,15 +322,23 @@ class Workspace:
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
+        # The views handed out, by (name, shape, dtype, device): a step asks for the same ones every time.
+        self._views: dict[tuple, Tensor] = {}
 
     def get(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
         """A tensor of ``shape`` with ``like``'s dtype and device, reusing the storage kept under ``name``."""
+        dtype, device = like.dtype, like.device
+        view = self._views.get((name, shape, dtype, device))
+        if view is not None:
+            return view
         numel = math.prod(shape)
-        key = (name, like.dtype, like.device)
+        key = (name, dtype, device)
         buffer = self._buffers.get(key)
         if buffer is None or buffer.numel() < numel:
-            buffer = self._buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
-        return buffer[:numel].view(shape)
+            buffer = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+            self._views = {k: v for k, v in self._views.items() if k[0] != name or k[2:] != (dtype, device)}
+        view = self._views[(name, shape, dtype, device)] = buffer[:numel].view(shape)
+        return view
 
 
 def projected_adam_update(

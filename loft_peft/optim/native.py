@@ -47,7 +47,7 @@ def enabled() -> bool:
 
 def usable(x: Tensor) -> bool:
     """Whether factors like ``x`` (L, k, r) go through the kernels: fp32 on the CPU, r at most :data:`MAX_RANK`."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[-1] <= MAX_RANK and enabled()
+    return x.is_cpu and x.dtype == torch.float32 and x.shape[-1] <= MAX_RANK and enabled()
 
 
 def _compiler() -> str | None:
@@ -184,6 +184,7 @@ def projected_adam_update(
     return out
 
 
+@functools.lru_cache(maxsize=256)
 def projected_adam_scratch_size(layers: int, length: int, rank: int) -> int:
     return int(library().loft_projected_adam_scratch(layers, length, rank))
 
@@ -228,6 +229,7 @@ def update_moments_(
     return out
 
 
+@functools.lru_cache(maxsize=256)
 def update_moments_scratch_size(layers: int, rank: int) -> int:
     return int(library().loft_update_moments_scratch(layers, rank))
 
@@ -258,7 +260,17 @@ def calibration(prev: Tensor, y: Tensor, y_gram_pinv: Tensor) -> Tensor:
     return out
 
 
-def _gram_inverse(y, prev, given, limit, gram, out, calibration, accepted) -> int:
+def _gram_inverse(
+    y: Tensor,
+    prev: Tensor | None,
+    given: Tensor | None,
+    limit: float,
+    gram: Tensor | None,
+    out: Tensor | None,
+    calibration: Tensor | None,
+    accepted: Tensor,
+) -> int:
+    """loft_gram_inverse on the tensors (``None`` for a NULL pointer); returns how many inverses were accepted."""
     prev = None if prev is None else prev.contiguous()
     layers, length, rank = y.shape
     count = library().loft_gram_inverse(
