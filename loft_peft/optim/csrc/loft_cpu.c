@@ -11,7 +11,8 @@
  * and their gradients) come with explicit strides in elements.
  *
  * Written with GCC vector extensions (GCC or clang, compiled with -march=native, so the 16-float vectors map to one
- * AVX-512 register, two AVX2 ones or four NEON ones), OpenMP over row blocks, no other dependency.
+ * AVX-512 register, two AVX2 ones or four NEON ones), OpenMP over row blocks, no other dependency; with AVX-512 also
+ * its masked moves (load_lanes / store_lanes, lane by lane elsewhere).
  */
 #include <math.h>
 #include <stdint.h>
