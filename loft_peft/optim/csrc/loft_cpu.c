@@ -10,9 +10,10 @@
  * y (l, r); Gram pseudo-inverses and calibration matrices (r, r). Tensors that may be transposed views (the factors
  * and their gradients) come with explicit strides in elements.
  *
- * Written with GCC vector extensions (GCC or clang, compiled with -march=native, so the 16-float vectors map to one
- * AVX-512 register, two AVX2 ones or four NEON ones), OpenMP over row blocks, no other dependency; with AVX-512 also
- * its masked moves (load_lanes / store_lanes, lane by lane elsewhere).
+ * Written with GCC vector extensions (GCC or clang, compiled with -march=native), OpenMP over row blocks, no other
+ * dependency; the 16-float vectors and the tiles' register counts are sized for AVX-512, whose masked moves
+ * load_lanes / store_lanes also use. The source compiles and is correct without AVX-512 (two AVX2 registers or four
+ * NEON ones per vector, masked moves lane by lane), but the tiles then spill, so native.py uses it on AVX-512 only.
  */
 #include <math.h>
 #include <stdint.h>
