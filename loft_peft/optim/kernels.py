@@ -303,7 +303,7 @@ def calibration_matrices(prev: Tensor, y: Tensor, y_gram_pinv: Tensor) -> Tensor
     """:func:`maths.calibration_matrix` for a batch: ``prev^T y (y^T y)^+``, (L, r, r). With the native kernels, the
     same bits as :func:`gram_pinv_and_calibration` gives for the same inputs."""
     if native.usable(y):
-        return native.calibration(prev, y, y_gram_pinv)
+        return native.calibration_matrices(prev, y, y_gram_pinv)
     return torch.bmm(torch.bmm(prev.transpose(1, 2), y), y_gram_pinv)
 
 

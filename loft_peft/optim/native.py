@@ -257,8 +257,8 @@ def gram_inverse(
     """For (L, l, r) fp32 factors ``y`` (strided views allowed): the inverses of their Gram matrices ``y^T y``,
     summed and factorised (Cholesky) in double precision; the Gram matrices (fp32); the layers whose inverse is *not*
     accepted (the factorisation failed or ``||G||_F ||G^-1||_F > limit``), ``None`` when all are; and with ``prev``
-    (L, l, r), the calibration matrices ``prev^T y G^-1`` (eq. 7) as :func:`calibration` computes them from the fp32
-    inverse. A rejected layer's inverse and calibration are left unset."""
+    (L, l, r), the calibration matrices ``prev^T y G^-1`` (eq. 7) as :func:`calibration_matrices` computes them from
+    the fp32 inverse. A rejected layer's inverse and calibration are left unset."""
     layers, length, rank = y.shape
     gram = torch.empty(layers, rank, rank, dtype=y.dtype)
     out = torch.empty_like(gram)
@@ -268,7 +268,7 @@ def gram_inverse(
     return out, gram, (None if count == layers else (accepted == 0).nonzero().squeeze(1)), calibration
 
 
-def calibration(prev: Tensor, y: Tensor, y_gram_pinv: Tensor) -> Tensor:
+def calibration_matrices(prev: Tensor, y: Tensor, y_gram_pinv: Tensor) -> Tensor:
     """Eq. (7)'s ``prev^T y (y^T y)^+`` for (L, l, r) fp32 factors (``y`` strided views allowed), the products summed
     in double precision, (L, r, r)."""
     out = torch.empty(y.shape[0], y.shape[-1], y.shape[-1], dtype=y.dtype)

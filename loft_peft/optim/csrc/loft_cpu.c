@@ -42,7 +42,7 @@ typedef float vf_unaligned __attribute__((vector_size(64), aligned(4), may_alias
 typedef int vi __attribute__((vector_size(64)));
 
 /* Keeps a loaded vector in a register instead of letting the compiler fold (repeat) the load into each use. Only
- * where a 16-float vector is one register (AVX-512): elsewhere the constraint cannot be met and would fail the build. */
+ * where a 16-float vector is one register (AVX-512): elsewhere the constraint cannot be met and fails the build. */
 #ifdef __AVX512F__
 #define KEEP_IN_REGISTER(x) __asm__("" : "+v"(x))
 #else
@@ -382,8 +382,8 @@ static inline void lerp_into(int64_t n, const float *start, const float *end, fl
 
 /* Whether the cross terms are carried row by row as C^T P C (2 r^3 multiply-adds per row) instead of by the packed
  * R x R matrix T(C) (R^2 per row, register tiles over 4 rows). The T(C) GEMM runs closer to the FMA peak, but
- * measured on 1024 rows the matrices win at r = 16, where a row's work fits in registers (carry_and_update_row16, 2.3x),
- * and from r = 24 on (2x at r = 32, 8x at r = 64, where T(C) no longer fits in cache). */
+ * measured on 1024 rows the matrices win at r = 16, where a row's work fits in registers (2.3x, see
+ * carry_and_update_row16), and from r = 24 on (2x at r = 32, 8x at r = 64, where T(C) no longer fits in cache). */
 static inline int carry_as_matrices(int64_t rank) { return rank == VEC || rank >= 24; }
 
 /* For r = 16 (one vector per row of C), the whole update of a row's cross terms in registers:
