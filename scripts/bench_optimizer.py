@@ -20,7 +20,9 @@ peak resident memory a step adds beyond parameters, gradients and state, measure
 (``ru_maxrss``), and ``largest`` the largest single tensor allocated during a step (PyTorch profiler).
 
 On CPUs LoFT runs through the fused C kernels of ``loft_peft.optim.native`` where they build; ``--no-native`` times
-the PyTorch operations instead (oneDNN GEMMs, or ``torch.bmm`` with ``--no-onednn`` as well).
+the PyTorch operations instead (oneDNN GEMMs, or ``torch.bmm`` with ``--no-onednn`` as well). ``--avx2`` builds the
+kernels as for a CPU without AVX-512 (``-mno-avx512f``, 8-float vectors); to hold PyTorch (and AdamW) to the same
+instructions, run it under ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2``.
 
 Run with all cores (leave OMP_NUM_THREADS unset). Examples::
 
@@ -220,6 +222,7 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the child-process memory measurements")
     parser.add_argument("--no-native", action="store_true", help="use PyTorch operations instead of the C kernels")
     parser.add_argument("--no-onednn", action="store_true", help="use torch.bmm for the large GEMMs (with --no-native)")
+    parser.add_argument("--avx2", action="store_true", help="build the C kernels without AVX-512 (with --no-memory)")
     parser.add_argument("--compile", action="store_true", help="also time LoftAdamW(compile=True)")
     parser.add_argument(
         "--default-malloc", action="store_true", help="leave glibc's adaptive trimming on (see keep_freed_memory)"
@@ -235,6 +238,11 @@ def main() -> None:
     if args.no_native:
         native.USE_NATIVE = False
         os.environ["LOFT_PEFT_NATIVE"] = "0"  # and in the memory-measuring child processes
+    if args.avx2:
+        if not args.no_memory:
+            parser.error("--avx2 is for timings: add --no-memory")
+        native.FLAGS = native.FLAGS + ("-mno-avx512f",)
+        native.library.cache_clear()
     fixed_malloc = False if args.default_malloc else keep_freed_memory()
     torch.manual_seed(0)
     meta = {
@@ -242,6 +250,8 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "native": native.enabled(),
+        "native_flags": list(native.FLAGS),
+        "isa_environment": {k: os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")},
         "onednn": kernels._use_onednn(torch.zeros(1), kernels.ONEDNN_MIN_ELEMENTS),
         "fixed_malloc_thresholds": fixed_malloc,
         "load_average_start": os.getloadavg(),

@@ -49,9 +49,9 @@ class LoftAdamW(LoftOptimizerBase):
         alternate: move one factor per step (block 1). ``False`` moves both (the paper's no-alternation ablation).
         calibrate: carry moments across subspace changes (blocks 3-4). ``False`` is the no-calibration ablation.
         foreach: step all same-shape pairs together through :mod:`loft_peft.optim.kernels` (the default), keeping
-            their state in stacked tensors of which ``optimizer.state`` holds views; on AVX-512 CPUs in fp32 the
-            large work runs in the fused C kernels of :mod:`loft_peft.optim.native` where a C compiler is found (set
-            ``LOFT_PEFT_NATIVE=0`` to use PyTorch operations). ``False`` steps each pair through the reference
+            their state in stacked tensors of which ``optimizer.state`` holds views; on x86-64 CPUs with AVX2 or
+            AVX-512, in fp32, the large work runs in the fused C kernels of :mod:`loft_peft.optim.native` where a C
+            compiler is found (set ``LOFT_PEFT_NATIVE=0`` to use PyTorch operations). ``False`` steps each pair through the reference
             functions of :mod:`loft_peft.optim.maths`; all give the same results up to fp32 rounding, and their
             checkpoints are interchangeable.
         compile: with ``foreach`` on the PyTorch path (GPUs, or CPUs without the native kernels), fuse Adam's

@@ -5,11 +5,11 @@ with a leading layer dimension L, so that a model's ~150 adapted layers take a f
 thousands. They differ from the references only in fp32 rounding (``tests/test_fast_path.py`` checks this over many
 steps and shapes). Where the speed comes from:
 
-* On AVX-512 CPUs in fp32, the fused C kernels of :mod:`loft_peft.optim.native` (built on first use where a C
-  compiler is found): block 5 (:func:`projected_adam_update`) as register tiles of the (k, l) moments that never
-  leave the cache, blocks 2-4 (:func:`update_moments_`) row block by row block, and the Gram matrices with their
-  Cholesky inverses and calibration matrices (:func:`gram_pinv_and_calibration`). The rest of this module is their
-  PyTorch fallback, and the path for other CPUs, GPUs and float64.
+* On x86-64 CPUs with AVX2 or AVX-512, in fp32, the fused C kernels of :mod:`loft_peft.optim.native` (built on first
+  use where a C compiler is found): block 5 (:func:`projected_adam_update`) as register tiles of the (k, l) moments
+  that never leave the cache, blocks 2-4 (:func:`update_moments_`) row block by row block, and the Gram matrices with
+  their Cholesky inverses and calibration matrices (:func:`gram_pinv_and_calibration`). The rest of this module is
+  their PyTorch fallback, and the path for other CPUs, GPUs and float64.
 * Gram pseudo-inverses by a batched Cholesky factorisation (:func:`spd_pinv`); the eigendecomposition of
   :func:`maths.gram_pinv` is kept for the matrices where the two could differ (singular or ill-conditioned ones).
 * The projected Adam update (:func:`projected_adam_update`, block 5) never forms a (k, l) matrix larger than a row

@@ -11,9 +11,9 @@
  * and their gradients) come with explicit strides in elements.
  *
  * Written with GCC vector extensions (GCC or clang, compiled with -march=native), OpenMP over row blocks, no other
- * dependency; the 16-float vectors and the tiles' register counts are sized for AVX-512, whose masked moves
- * load_lanes / store_lanes also use. The source compiles and is correct without AVX-512 (two AVX2 registers or four
- * NEON ones per vector, masked moves lane by lane), but the tiles then spill, so native.py uses it on AVX-512 only.
+ * dependency. A vector is one register: 16 floats with AVX-512 (whose masked moves load_lanes / store_lanes use), 8
+ * otherwise (AVX2; masked moves lane by lane); the register tiles are sized to fit. native.py uses the kernels on
+ * x86-64 CPUs with AVX2 or AVX-512.
  */
 #include <math.h>
 #include <stdint.h>
@@ -23,12 +23,20 @@
 #include <immintrin.h>
 #endif
 
-#define VEC 16         /* floats per vector */
+/* A vector is one register: 16 floats with AVX-512 (32 registers), else 8 (AVX2's 16 registers of 8; two NEON
+ * registers). A register tile holds TILE_ROWS x TILE_VECS vectors, half the registers or less. */
+#ifdef __AVX512F__
+#define VEC 16
+#define DEFAULT_TILE_VECS 4
+#else
+#define VEC 8
+#define DEFAULT_TILE_VECS 2
+#endif
 #ifndef TILE_ROWS
 #define TILE_ROWS 4    /* rows of a register tile */
 #endif
 #ifndef TILE_VECS
-#define TILE_VECS 4    /* vectors (of VEC columns) of a register tile */
+#define TILE_VECS DEFAULT_TILE_VECS  /* vectors (of VEC columns) of a register tile */
 #endif
 #ifndef CHUNK_ROWS
 #define CHUNK_ROWS 32  /* rows a thread takes at once */
@@ -37,13 +45,13 @@
 #define COLUMN_BLOCK 256 /* columns of the (R, l) matrix kept in L2 while a chunk's rows pass over them */
 #endif
 
-typedef float vf __attribute__((vector_size(64)));
-typedef float vf_unaligned __attribute__((vector_size(64), aligned(4), may_alias));
-typedef int vi __attribute__((vector_size(64)));
+typedef float vf __attribute__((vector_size(VEC * 4)));
+typedef float vf_unaligned __attribute__((vector_size(VEC * 4), aligned(4), may_alias));
+typedef int vi __attribute__((vector_size(VEC * 4)));
 
-/* Keeps a loaded vector in a register instead of letting the compiler fold (repeat) the load into each use. Only
- * where a 16-float vector is one register (AVX-512): elsewhere the constraint cannot be met and fails the build. */
-#ifdef __AVX512F__
+/* Keeps a loaded vector in a register instead of letting the compiler fold (repeat) the load into each use; x86
+ * only (a vector is one register there with AVX-512, and with AVX for the 8-float vectors). */
+#if defined(__AVX512F__) || (defined(__AVX__) && (defined(__x86_64__) || defined(__i386__)))
 #define KEEP_IN_REGISTER(x) __asm__("" : "+v"(x))
 #else
 #define KEEP_IN_REGISTER(x) ((void)0)
@@ -51,7 +59,13 @@ typedef int vi __attribute__((vector_size(64)));
 
 static inline vf load(const float *p) { return *(const vf_unaligned *)p; }
 static inline void store(float *p, vf x) { *(vf_unaligned *)p = x; }
-static inline vf splat(float x) { return (vf){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+static inline vf splat(float x) {  /* an initialiser, not a loop: GCC turns only this into one broadcast */
+#if VEC == 16
+    return (vf){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
+#else
+    return (vf){x, x, x, x, x, x, x, x};
+#endif
+}
 
 static inline float hsum(vf x) {
     float s = 0.0f;
@@ -59,15 +73,17 @@ static inline float hsum(vf x) {
     return s;
 }
 
-/* Lanes of two vectors picked by index (0-15: a, 16-31: b); GCC before 12 lacks __builtin_shufflevector. */
+/* Lanes of two vectors picked by index (below VEC: a, from VEC on: b); GCC before 12 lacks __builtin_shufflevector. */
 #ifdef __clang__
 #define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 #else
 #define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (vi){__VA_ARGS__})
 #endif
 
-/* The 16 sums of 16 vectors at once: (hsum(p[0]), ..., hsum(p[15])), by a transposing butterfly of 15 additions. */
-static inline vf hsum16(const vf *p) {
+/* The VEC sums of VEC vectors at once, (hsum(p[0]), ..., hsum(p[VEC - 1])), by a transposing butterfly of VEC - 1
+ * additions: each level adds the two halves of pairs of vectors, so that lane groups come to hold one vector's sum. */
+static inline vf hsum_vectors(const vf *p) {
+#if VEC == 16
     vf a[8], b[4], c[2];
     for (int k = 0; k < 8; k++)  /* lanes 0-7: p[k], lanes 8-15: p[k + 8] */
         a[k] = SHUFFLE(p[k], p[k + 8], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
@@ -80,6 +96,14 @@ static inline vf hsum16(const vf *p) {
              + SHUFFLE(b[k], b[k + 2], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
     return SHUFFLE(c[0], c[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30)
          + SHUFFLE(c[0], c[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+#else
+    vf a[4], b[2];
+    for (int k = 0; k < 4; k++)  /* lanes 0-3: p[k], lanes 4-7: p[k + 4] */
+        a[k] = SHUFFLE(p[k], p[k + 4], 0, 1, 2, 3, 8, 9, 10, 11) + SHUFFLE(p[k], p[k + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+    for (int k = 0; k < 2; k++)  /* lanes 2g, 2g+1: p[k + 2g] */
+        b[k] = SHUFFLE(a[k], a[k + 2], 0, 1, 8, 9, 4, 5, 12, 13) + SHUFFLE(a[k], a[k + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    return SHUFFLE(b[0], b[1], 0, 8, 2, 10, 4, 12, 6, 14) + SHUFFLE(b[0], b[1], 1, 9, 3, 11, 5, 13, 7, 15);
+#endif
 }
 
 static inline vf vsqrt(vf x) {
@@ -328,7 +352,7 @@ int loft_projected_adam(
                 const vf *sums = partial + (i - start) * rank;
                 int64_t b = 0;
                 for (; b + VEC <= rank; b += VEC) {
-                    const vf sum = hsum16(sums + b);
+                    const vf sum = hsum_vectors(sums + b);
                     for (int64_t e = 0; e < VEC; e++)
                         o[i * rank + b + e] = decay * x_layer_ptr[i * x_row + (b + e) * x_col] + sum[e];
                 }
@@ -383,15 +407,15 @@ static inline void lerp_into(int64_t n, const float *start, const float *end, fl
 /* Whether the cross terms are carried row by row as C^T P C (2 r^3 multiply-adds per row) instead of by the packed
  * R x R matrix T(C) (R^2 per row, register tiles over 4 rows). The T(C) GEMM runs closer to the FMA peak, but
  * measured on 1024 rows the matrices win at r = 16, where a row's work fits in registers (2.3x, see
- * carry_and_update_row16), and from r = 24 on (2x at r = 32, 8x at r = 64, where T(C) no longer fits in cache). */
-static inline int carry_as_matrices(int64_t rank) { return rank == VEC || rank >= 24; }
+ * carry_row_in_registers), and from r = 24 on (2x at r = 32, 8x at r = 64, where T(C) no longer fits in cache). */
+static inline int carry_as_matrices(int64_t rank) { return rank == VEC || rank >= 24; }  /* VEC: one vector a row */
 
-/* For r = 16 (one vector per row of C), the whole update of a row's cross terms in registers:
+/* For r = VEC (16 with AVX-512: one vector per row of C), the whole update of a row's cross terms in registers:
  * p <- lerp(g~ g~^T, C^T P C, beta2), packed, in place. L = P C is built from the packed entries directly (entry
  * (s, t) adds p_st C[t] to L[s] and, off the diagonal, p_st C[s] to L[t]); row s of C^T L, lerped with g~_s g~,
- * then has lanes t >= s stored at p + q_s - s (q_s: the packed start of row s). c: C (16, 16); g: the scaled
+ * then has lanes t >= s stored at p + q_s - s (q_s: the packed start of row s). c: C (VEC, VEC); g: the scaled
  * gradient's row. */
-static void carry_and_update_row16(float *p, const float *c, vf g, float beta2) {
+static void carry_row_in_registers(float *p, const float *c, vf g, float beta2) {
     vf l[VEC];
 #pragma GCC unroll 16
     for (int a = 0; a < VEC; a++) l[a] = splat(0.0f);
@@ -558,7 +582,7 @@ int loft_update_moments(
                 float *p = sec + i0 * packed;
                 if (carry && matrices && rank == VEC) {
                     for (int64_t i = 0; i < br; i++)
-                        carry_and_update_row16(p + i * packed, congruence, load(scaled + i * rv), beta2);
+                        carry_row_in_registers(p + i * packed, congruence, load(scaled + i * rv), beta2);
                     continue;
                 } else if (carry && matrices) {
                     for (int64_t i = 0; i < br; i++)
