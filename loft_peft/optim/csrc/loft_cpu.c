@@ -3,8 +3,8 @@
  * Each function computes what a function of loft_peft/optim/kernels.py computes for L same-shape layers (named in its
  * comment), differing only in fp32 rounding; tests/test_fast_path.py checks them against the reference maths.
  * The speed comes from doing a row block's whole computation while it is in the L1/L2 cache: the (k, l) matrices of
- * block 5 exist only as 4 x 64 register tiles, and the cross-term carry (eq. 11) runs row block by row block beside
- * the first-moment update, instead of a dozen passes of separate PyTorch operations over memory.
+ * block 5 exist only as register tiles (4 x 64 with AVX-512), and the cross-term carry (eq. 11) runs row block by row
+ * block beside the first-moment update, instead of a dozen passes of separate PyTorch operations over memory.
  *
  * Shapes (per layer, C order): x, exp_avg (k, r); cross (k, R), R = r (r + 1) / 2 in torch.triu_indices order;
  * y (l, r); Gram pseudo-inverses and calibration matrices (r, r). Tensors that may be transposed views (the factors
@@ -23,8 +23,9 @@
 #include <immintrin.h>
 #endif
 
-/* A vector is one register: 16 floats with AVX-512 (32 registers), else 8 (AVX2's 16 registers of 8; two NEON
- * registers). A register tile holds TILE_ROWS x TILE_VECS vectors, half the registers or less. */
+/* A vector is one register: 16 floats with AVX-512 (32 registers), else 8 (AVX2's 16 registers of 8). A register
+ * tile holds TILE_ROWS x TILE_VECS vectors, half the registers: 4 x 4 with AVX-512, 4 x 2 with AVX2 (built with
+ * -mno-avx512f on an AVX-512 machine, 4 x 2 ran block 5 as fast as 4 x 3 and faster than 3 x 3, 5 x 2 or 6 x 2). */
 #ifdef __AVX512F__
 #define VEC 16
 #define DEFAULT_TILE_VECS 4
