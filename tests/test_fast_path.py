@@ -447,6 +447,13 @@ def _check_native_moments_against_torch(full, beta1, rank, rows):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
+def _assert_fast_path_steps_to_the_reference():
+    problem = _Problem(SHAPES[:3], dtype=torch.float32, structured=True, lr=1e-3)
+    for _ in range(3):
+        problem.step()
+    assert problem.worst_relative_difference() < 1e-5
+
+
 def _skip_unless_the_kernels_can_build_here():
     import platform
 
@@ -500,10 +507,7 @@ def test_native_kernels_are_not_used_on_other_cpus(tmp_path, monkeypatch, caplog
             assert native.library() is None
         assert "AVX2 or AVX-512" in caplog.text
         assert not list(tmp_path.glob("*.so"))
-        problem = _Problem(SHAPES[:3], dtype=torch.float32, structured=True, lr=1e-3)
-        for _ in range(3):
-            problem.step()
-        assert problem.worst_relative_difference() < 1e-5
+        _assert_fast_path_steps_to_the_reference()
     finally:
         monkeypatch.undo()
         native.library.cache_clear()
@@ -525,10 +529,7 @@ def test_native_kernels_fall_back_to_pytorch_with_a_warning_when_the_build_fails
         assert "native kernels unavailable" in caplog.text
         assert not native.enabled()
         assert not list(tmp_path.glob("*.so")), "a failed build must leave nothing in the cache"
-        problem = _Problem(SHAPES[:3], dtype=torch.float32, structured=True, lr=1e-3)
-        for _ in range(3):
-            problem.step()
-        assert problem.worst_relative_difference() < 1e-5
+        _assert_fast_path_steps_to_the_reference()
     finally:
         monkeypatch.undo()
         native.library.cache_clear()

@@ -51,9 +51,9 @@ class LoftAdamW(LoftOptimizerBase):
         foreach: step all same-shape pairs together through :mod:`loft_peft.optim.kernels` (the default), keeping
             their state in stacked tensors of which ``optimizer.state`` holds views; on x86-64 CPUs with AVX2 or
             AVX-512, in fp32, the large work runs in the fused C kernels of :mod:`loft_peft.optim.native` where a C
-            compiler is found (set ``LOFT_PEFT_NATIVE=0`` to use PyTorch operations). ``False`` steps each pair through the reference
-            functions of :mod:`loft_peft.optim.maths`; all give the same results up to fp32 rounding, and their
-            checkpoints are interchangeable.
+            compiler is found (set ``LOFT_PEFT_NATIVE=0`` to use PyTorch operations). ``False`` steps each pair
+            through the reference functions of :mod:`loft_peft.optim.maths`; all give the same results up to fp32
+            rounding, and their checkpoints are interchangeable.
         compile: with ``foreach`` on the PyTorch path (GPUs, or CPUs without the native kernels), fuse Adam's
             elementwise step of the full-space rebuild (block 5) into one pass per row block with ``torch.compile``
             instead of five eager passes. Off by default because the first step then waits for a compilation

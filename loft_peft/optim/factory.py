@@ -95,9 +95,9 @@ def create_loft_optimizer(
         **options: passed to the optimizer class.
 
             * ``optimizer="adamw"`` (:class:`LoftAdamW`): ``foreach`` (default ``True``: the batched fast path;
-              ``False``: the per-layer reference path; on CPUs in fp32 the fast path runs fused C kernels) and
-              ``compile`` (default ``False``: ``torch.compile`` the elementwise part of the fast path's PyTorch
-              operations, used on GPUs and where the C kernels do not build).
+              ``False``: the per-layer reference path; on x86-64 CPUs with AVX2 or AVX-512, in fp32, the fast path
+              runs fused C kernels) and ``compile`` (default ``False``: ``torch.compile`` the elementwise part of the
+              fast path's PyTorch operations, used on GPUs and where the C kernels are not used).
             * ``optimizer="muon"`` (:class:`LoftMuon`): ``momentum`` (default 0.95), ``nesterov`` (``False``),
               ``ns_steps`` (5 Newton-Schulz iterations), ``scale`` (``"rms"``, the default, so AdamW learning
               rates carry over; ``"spectral"`` or ``"none"`` for Muon rates of about 0.02) and ``adamw_lr`` (the
