@@ -639,64 +639,110 @@ int loft_update_moments(
  * and with the previous factor also eq. (7)'s C = prev^T y G^-1.
  * ------------------------------------------------------------------------------------------------------------------ */
 static int spd_inverse(int64_t rank, const double *gram, double limit, double *inv, double *work) {
-    double *l = work, *linv = work + rank * rank;  /* lower Cholesky factor and its inverse */
-    double gram_norm = 0.0;
-    for (int64_t e = 0; e < rank * rank; e++) gram_norm += gram[e] * gram[e];
-    for (int64_t j = 0; j < rank; j++) {
-        double d = gram[j * rank + j];
-        for (int64_t k = 0; k < j; k++) d -= l[j * rank + k] * l[j * rank + k];
+    /* Loops ordered so that the innermost runs along a row (contiguous, vectorised) rather than being a dot product.
+     * work (2 r^2 + r doubles): the lower Cholesky factor (built in place of a copy of G), L^-1, L's current column. */
+    double *l = work, *linv = work + rank * rank, *column = work + 2 * rank * rank;
+    double gram_norm = 0.0, inverse_norm = 0.0;
+    for (int64_t e = 0; e < rank * rank; e++) {
+        gram_norm += gram[e] * gram[e];
+        l[e] = gram[e];
+        linv[e] = inv[e] = 0.0;
+    }
+    for (int64_t j = 0; j < rank; j++) {  /* right-looking: column j, then the update of the rows below it */
+        const double d = l[j * rank + j];
         if (!(d > 0.0)) return 0;  /* also catches NaN */
         const double pivot = sqrt(d);
-        l[j * rank + j] = pivot;
+        for (int64_t i = j; i < rank; i++) column[i] = l[i * rank + j] /= pivot;
         for (int64_t i = j + 1; i < rank; i++) {
-            double x = gram[i * rank + j];
-            for (int64_t k = 0; k < j; k++) x -= l[i * rank + k] * l[j * rank + k];
-            l[i * rank + j] = x / pivot;
+            const double w = column[i];
+            for (int64_t k = j + 1; k <= i; k++) l[i * rank + k] -= w * column[k];
         }
     }
-    /* L^-1 (lower triangular) column by column, then G^-1 = L^-T L^-1. */
-    for (int64_t c = 0; c < rank; c++)
-        for (int64_t i = 0; i < rank; i++) {
-            if (i < c) { linv[i * rank + c] = 0.0; continue; }
-            double x = i == c ? 1.0 : 0.0;
-            for (int64_t k = c; k < i; k++) x -= l[i * rank + k] * linv[k * rank + c];
-            linv[i * rank + c] = x / l[i * rank + i];
+    for (int64_t i = 0; i < rank; i++) {  /* row i of L^-1: (e_i - sum_{k<i} L[i,k] (row k of L^-1)) / L[i,i] */
+        double *row = linv + i * rank;
+        row[i] = 1.0;
+        for (int64_t k = 0; k < i; k++) {
+            const double w = l[i * rank + k], *row_k = linv + k * rank;
+            for (int64_t c = 0; c <= k; c++) row[c] -= w * row_k[c];
         }
-    double inverse_norm = 0.0;
-    for (int64_t i = 0; i < rank; i++)
-        for (int64_t j = 0; j <= i; j++) {
-            double x = 0.0;
-            for (int64_t k = i; k < rank; k++) x += linv[k * rank + i] * linv[k * rank + j];
-            inv[i * rank + j] = inv[j * rank + i] = x;
-            inverse_norm += (i == j ? 1.0 : 2.0) * x * x;
+        const double pivot = l[i * rank + i];
+        for (int64_t c = 0; c <= i; c++) row[c] /= pivot;
+    }
+    for (int64_t k = 0; k < rank; k++) {  /* G^-1 = L^-T L^-1 = sum_k (row k of L^-1)^T (row k of L^-1) */
+        const double *row_k = linv + k * rank;
+        for (int64_t i = 0; i <= k; i++) {
+            const double w = row_k[i];
+            for (int64_t j = 0; j <= k; j++) inv[i * rank + j] += w * row_k[j];
         }
+    }
+    for (int64_t e = 0; e < rank * rank; e++) inverse_norm += inv[e] * inv[e];
     return sqrt(gram_norm) * sqrt(inverse_norm) <= limit;
 }
 
-/* Over rows [start, stop) of one layer: sums[0:r*r] += y^T y (with gram_too) and, with prev,
- * sums[r*r:2*r*r] += prev^T y; GRAM_ROWS rows at a time, so that each sum is loaded and stored once per block. */
-#define GRAM_ROWS 8
+/* Double-precision vectors of the Gram sums (VEC / 2 doubles, one register), and the register tile of those sums:
+ * GRAM_TILE_ROWS rows x 2 vectors each of y^T y and prev^T y (16 registers of AVX-512's 32, 8 of AVX2's 16). */
+#define DVEC (VEC / 2)
+typedef double vd __attribute__((vector_size(VEC * 4)));
+#if VEC == 16
+#define GRAM_TILE_ROWS 4
+#else
+#define GRAM_TILE_ROWS 2
+#endif
+#define GRAM_STAGE 2048  /* doubles of y (and of prev) staged at once: 16 KB each, in L1 */
+
+/* The tile of rows [a0, a0 + GRAM_TILE_ROWS) and columns [b0, b0 + 2 DVEC) of y^T y (with gram_too) and prev^T y
+ * (with cross_too), summed over the n staged rows ys, ps (n, width) in row order and added into gram, cross. */
+static inline __attribute__((always_inline)) void gram_tile(
+    const int gram_too, const int cross_too, int64_t n, int64_t width, int64_t rank, int64_t a0, int64_t b0,
+    const double *ys, const double *ps, double *restrict gram, double *restrict cross)
+{
+    vd g[GRAM_TILE_ROWS][2], x[GRAM_TILE_ROWS][2];
+    for (int i = 0; i < GRAM_TILE_ROWS; i++)
+        for (int v = 0; v < 2; v++) g[i][v] = x[i][v] = (vd){0};
+    for (int64_t k = 0; k < n; k++) {
+        const double *yk = ys + k * width, *pk = ps + k * width;
+        const vd y0 = *(const vd *)(yk + b0), y1 = *(const vd *)(yk + b0 + DVEC);
+#pragma GCC unroll 4
+        for (int i = 0; i < GRAM_TILE_ROWS; i++) {
+            if (gram_too) {
+                const double w = yk[a0 + i];
+                g[i][0] += w * y0;
+                g[i][1] += w * y1;
+            }
+            if (cross_too) {
+                const double w = pk[a0 + i];
+                x[i][0] += w * y0;
+                x[i][1] += w * y1;
+            }
+        }
+    }
+    for (int i = 0; i < GRAM_TILE_ROWS && a0 + i < rank; i++)
+        for (int64_t e = 0; e < 2 * DVEC && b0 + e < rank; e++) {
+            if (gram_too) gram[(a0 + i) * rank + b0 + e] += g[i][e / DVEC][e % DVEC];
+            if (cross_too) cross[(a0 + i) * rank + b0 + e] += x[i][e / DVEC][e % DVEC];
+        }
+}
+
+/* Over rows [start, stop) of one layer: sums[0:r*r] += y^T y (with gram_too) and, with prev, sums[r*r:2*r*r] +=
+ * prev^T y. The rows are staged in double precision, as many at a time as fill GRAM_STAGE (zero-padded to whole
+ * pairs of vectors), and each staged block's sums are accumulated in register tiles, in row order. */
 static void gram_rows(int64_t start, int64_t stop, int64_t rank, const float *y, int64_t y_row, int64_t y_col,
                       const float *prev, int gram_too, double *sums) {
-    double yj[GRAM_ROWS][256], pj[GRAM_ROWS][256];
-    double *restrict gram = sums, *restrict cross = sums + rank * rank;
-    for (int64_t j0 = start; j0 < stop; j0 += GRAM_ROWS) {
-        const int64_t n = min64(GRAM_ROWS, stop - j0);
-        for (int64_t k = 0; k < GRAM_ROWS; k++)  /* rows past stop count as zero */
-            for (int64_t a = 0; a < rank; a++) {
-                yj[k][a] = k < n ? y[(j0 + k) * y_row + a * y_col] : 0.0;
-                pj[k][a] = k < n && prev != NULL ? prev[(j0 + k) * rank + a] : 0.0;
+    double ys[GRAM_STAGE] __attribute__((aligned(64))), ps[GRAM_STAGE] __attribute__((aligned(64)));  /* 32 KB */
+    const int64_t width = round_up(rank, 2 * DVEC), block = GRAM_STAGE / width;  /* rank <= 256: block >= 8 */
+    double *gram = sums, *cross = sums + rank * rank;
+    for (int64_t j0 = start; j0 < stop; j0 += block) {
+        const int64_t n = min64(block, stop - j0);
+        for (int64_t k = 0; k < n; k++)
+            for (int64_t a = 0; a < width; a++) {
+                ys[k * width + a] = a < rank ? y[(j0 + k) * y_row + a * y_col] : 0.0;
+                if (prev != NULL) ps[k * width + a] = a < rank ? prev[(j0 + k) * rank + a] : 0.0;
             }
-        for (int64_t a = 0; a < rank; a++)
-            for (int64_t b = 0; b < rank; b++) {
-                double g = 0.0, x = 0.0;
-#pragma GCC unroll 8
-                for (int64_t k = 0; k < GRAM_ROWS; k++) {
-                    g += yj[k][a] * yj[k][b];
-                    x += pj[k][a] * yj[k][b];
-                }
-                if (gram_too) gram[a * rank + b] += g;
-                if (prev != NULL) cross[a * rank + b] += x;
+        for (int64_t a0 = 0; a0 < rank; a0 += GRAM_TILE_ROWS)
+            for (int64_t b0 = 0; b0 < rank; b0 += 2 * DVEC) {
+                if (gram_too && prev != NULL) gram_tile(1, 1, n, width, rank, a0, b0, ys, ps, gram, cross);
+                else if (gram_too) gram_tile(1, 0, n, width, rank, a0, b0, ys, ps, gram, cross);
+                else if (prev != NULL) gram_tile(0, 1, n, width, rank, a0, b0, ys, ps, gram, cross);
             }
     }
 }
@@ -722,13 +768,13 @@ int64_t loft_gram_inverse(int threads, int64_t layers, int64_t length, int64_t r
             gram_rows(task % 2 ? half : 0, task % 2 ? length : half, rank, y + layer * y_layer, y_row, y_col,
                       prev ? prev + layer * length * rank : NULL, given == NULL, sums + task * per_layer);
         }
-        double *work = malloc(3 * square * sizeof(double));  /* NULL: not accepted, the caller redoes it */
+        double *work = malloc((3 * square + rank) * sizeof(double));  /* NULL: not accepted, the caller redoes it */
 #pragma omp for schedule(static)
         for (int64_t layer = 0; layer < layers; layer++) {
             double *g = sums + 2 * layer * per_layer, *cross = g + square;
             const double *second_half = g + per_layer;
             for (int64_t e = 0; e < per_layer; e++) g[e] += second_half[e];
-            double *inv = work + 2 * square;
+            double *inv = work + 2 * square + rank;  /* after spd_inverse's work */
             if (given != NULL) {
                 if (work == NULL) continue;  /* not counted: the caller raises */
                 for (int64_t e = 0; e < square; e++) inv[e] = given[layer * square + e];
@@ -741,12 +787,15 @@ int64_t loft_gram_inverse(int threads, int64_t layers, int64_t length, int64_t r
             }
             count++;
             if (prev == NULL) continue;
-            for (int64_t a = 0; a < rank; a++)  /* with the fp32 inverse, as a given one would be */
-                for (int64_t b = 0; b < rank; b++) {
-                    double x = 0.0;
-                    for (int64_t k = 0; k < rank; k++) x += cross[a * rank + k] * inv[k * rank + b];
-                    calibration[layer * square + a * rank + b] = (float)x;
+            for (int64_t a = 0; a < rank; a++) {  /* with the fp32 inverse, as a given one would be; row by row */
+                double *row = work;
+                for (int64_t b = 0; b < rank; b++) row[b] = 0.0;
+                for (int64_t k = 0; k < rank; k++) {
+                    const double w = cross[a * rank + k], *inv_row = inv + k * rank;
+                    for (int64_t b = 0; b < rank; b++) row[b] += w * inv_row[b];
                 }
+                for (int64_t b = 0; b < rank; b++) calibration[layer * square + a * rank + b] = (float)row[b];
+            }
         }
         free(work);
     }
