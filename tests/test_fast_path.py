@@ -166,6 +166,70 @@ def test_fast_path_equals_reference_in_fp64_on_random_gradients(options):
             assert difference <= 1e-9 * max(float(value.abs().max()), 1e-30), (index, key, difference)
 
 
+@pytest.mark.parametrize("options", [dict(), dict(calibrate=False), dict(weight_decay=0.1)], ids=_ids)
+def test_one_call_native_step_gives_the_bits_of_the_separate_native_calls(options, monkeypatch):
+    """``kernels.alternating_step`` (the whole step in one native call) against the four separate calls, which the
+    optimizer takes when it returns ``None``: the same parameters and state, bit for bit, over many steps."""
+    if not native.enabled():
+        pytest.skip("the native kernels could not be built here (no C compiler?)")
+    one_call = kernels.alternating_step
+    calls = {"one": 0, "declined": 0}
+
+    def counted(*args, **kwargs):
+        result = one_call(*args, **kwargs)
+        calls["one" if result is not None else "declined"] += 1
+        return result
+
+    runs = {}
+    for name, replacement in (("one", counted), ("separate", lambda *args, **kwargs: None)):
+        monkeypatch.setattr(kernels, "alternating_step", replacement)
+        problem = _Problem(SHAPES + SHAPES[1:2] * 2, dtype=torch.float32, structured=True, scale=3.0, lr=1e-3, **options)
+        for _ in range(12):
+            problem.step()
+        runs[name] = problem
+    assert calls["one"] > 0
+    one, separate = runs["one"], runs["separate"]
+    for p, q in zip(one.params[True], separate.params[True]):
+        assert torch.equal(p, q)
+    one_state, separate_state = (r.optimizers[True].state_dict()["state"] for r in (one, separate))
+    for index, values in separate_state.items():
+        for key, value in values.items():
+            assert torch.equal(one_state[index][key], value), (index, key)
+
+
+def test_one_call_native_step_declines_a_singular_gram_matrix_before_writing_anything():
+    """A Gram matrix whose Cholesky inverse is not accepted makes ``native.alternating_step`` return ``None`` with the
+    state untouched, so that the separate calls (which take the eigendecomposition) can do the step."""
+    if not native.enabled():
+        pytest.skip("the native kernels could not be built here (no C compiler?)")
+    generator = torch.Generator().manual_seed(0)
+    rows, rank = 12, 4
+    u = torch.randn(1, rows, rank, generator=generator)
+    u[..., 3] = u[..., 2]  # rank-deficient: (U^T U) is singular
+    v = torch.randn(1, 9, rank, generator=generator)
+    sides = {}
+    for name, x in (("u", u), ("v", v)):
+        sides[name] = dict(
+            x=x,
+            grad=torch.randn(x.shape, generator=generator),
+            exp_avg=torch.randn(x.shape, generator=generator),
+            cross=torch.rand(1, x.shape[1], maths.packed_size(rank), generator=generator),
+            prev=x + 0.01,
+            pinv=None,
+            calibrate=True,
+            changed=True,
+        )
+    before = {(name, key): value.clone() for name, side in sides.items() for key, value in side.items()
+              if torch.is_tensor(value)}  # fmt: skip
+    result = kernels.alternating_step(
+        sides, move_b=True, beta1=0.9, beta2=0.999, lr=1e-3, decay=1.0, bias_correction1=0.1,
+        bias_correction2=0.001, eps=1e-8, floor=0.0, workspace=kernels.Workspace(),
+    )  # fmt: skip
+    assert result is None
+    for (name, key), value in before.items():
+        assert torch.equal(sides[name][key], value), (name, key)
+
+
 def test_pairs_that_miss_gradients_fall_out_of_step_and_still_match_the_reference():
     """A pair without gradients is not stepped, so its phase and step count lag: the bucket is split and regathered."""
     shapes = [(24, 16, 4)] * 4

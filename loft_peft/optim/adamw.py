@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import kernels, maths
+from . import kernels, maths, native
 from .base import (
     MOVE_A,
     MOVE_B,
@@ -261,14 +261,7 @@ class LoftAdamW(LoftOptimizerBase):
         # and keeps its Gram pseudo-inverse from the last step.
         same_u, same_u_mask = _compare(t["u:prev"], u)
         same_v, same_v_mask = _compare(t["v:prev"], v)
-        # Block 3's calibration matrices: m^U is carried by C^V (V changed since the last step), m^V by C^U.
         cache = stacked.gram_pinv if whole else None
-        pinv_u, calib_for_v = self._gram_pinv_and_calibration(
-            group, b_params, u, t["u:prev"], cache["u"] if cache is not None and same_u else None, same_u, same_u_mask
-        )
-        pinv_v, calib_for_u = self._gram_pinv_and_calibration(
-            group, a_params, v, t["v:prev"], cache["v"] if cache is not None and same_v else None, same_v, same_v_mask
-        )
         t["u:step"].add_(1.0)
         step += 1.0
         move_b = not group["alternate"] or phase == MOVE_B
@@ -281,6 +274,47 @@ class LoftAdamW(LoftOptimizerBase):
             eps=eps,
         )
         workspace = self._caches().setdefault("workspace", kernels.Workspace())
+        if full and group["alternate"] and same_u_mask is None and same_v_mask is None and native.usable(u):
+            # The whole step in one call of the native kernels (the same computation as below).
+            sides = {}
+            for side, params, x, grad, same in (("u", b_params, u, grad_u, same_u), ("v", a_params, v, grad_v, same_v)):
+                pinv = cache[side] if cache is not None and same else self.cached_gram_pinv(params, x)
+                sides[side] = dict(
+                    x=x,
+                    grad=grad,
+                    exp_avg=t[side + ":exp_avg"],
+                    cross=t[side + ":cross_sq"],
+                    prev=t[side + ":prev"],
+                    pinv=pinv,
+                    calibrate=group["calibrate"] and not same,
+                    changed=not same,
+                )
+            result = kernels.alternating_step(
+                sides,
+                move_b=move_b,
+                beta1=beta1,
+                beta2=beta2,
+                floor=maths.second_moment_floor(beta1, beta2),
+                workspace=workspace,
+                **options,
+            )
+            if result is not None:
+                new, pinv_u, pinv_v = result
+                if move_b:
+                    torch._foreach_copy_(b_params, list(new.unbind(0)))
+                else:
+                    torch._foreach_copy_(a_params, [x.T for x in new.unbind(0)])
+                t["u:moving"].fill_(MOVE_A if move_b else MOVE_B)
+                if whole:
+                    stacked.gram_pinv = {"u": pinv_u, "v": pinv_v}
+                return
+        # Block 3's calibration matrices: m^U is carried by C^V (V changed since the last step), m^V by C^U.
+        pinv_u, calib_for_v = self._gram_pinv_and_calibration(
+            group, b_params, u, t["u:prev"], cache["u"] if cache is not None and same_u else None, same_u, same_u_mask
+        )
+        pinv_v, calib_for_u = self._gram_pinv_and_calibration(
+            group, a_params, v, t["v:prev"], cache["v"] if cache is not None and same_v else None, same_v, same_v_mask
+        )
         # Blocks 2-4 for both sides; LoFT-simple's moving factor steps in the same pass (its step is elementwise).
         simple_steps: dict[str, list[Tensor] | None] = {}
         for side, grad, pinv, calib, x, moves in (

@@ -391,9 +391,7 @@ def projected_adam_update(
     """
     workspace = Workspace() if workspace is None else workspace
     layers, rows, length = x.shape[0], x.shape[1], y.shape[1]
-    scale_first = math.sqrt(floor) if floor > 0.0 else 1.0
-    kappa = math.sqrt(bias_correction2) / (scale_first * bias_correction1)
-    eps_scaled = eps * math.sqrt(bias_correction2)
+    scale_first, kappa, eps_scaled = _block5_constants(bias_correction1, bias_correction2, eps, floor)
     if native.usable(x):
         size = native.projected_adam_scratch_size(layers, length, x.shape[-1])
         new = native.projected_adam_update(
@@ -447,6 +445,63 @@ def projected_adam_update(
             blocks.append(linear.binary(ratio, base[i, block], projector_rows[i], None, "add"))
         layer_results.append(blocks[0] if len(blocks) == 1 else torch.cat(blocks))
     return layer_results
+
+
+def _block5_constants(
+    bias_correction1: float, bias_correction2: float, eps: float, floor: float
+) -> tuple[float, float, float]:
+    """:func:`projected_adam_update`'s ``a = sqrt(floor)`` (1 without a floor), ``kappa`` and ``eps sqrt(bc2)``."""
+    scale_first = math.sqrt(floor) if floor > 0.0 else 1.0
+    kappa = math.sqrt(bias_correction2) / (scale_first * bias_correction1)
+    return scale_first, kappa, eps * math.sqrt(bias_correction2)
+
+
+def alternating_step(
+    sides: dict[str, dict],
+    *,
+    move_b: bool,
+    beta1: float,
+    beta2: float,
+    lr: float,
+    decay: float,
+    bias_correction1: float,
+    bias_correction2: float,
+    eps: float,
+    floor: float,
+    workspace: Workspace,
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """One alternating LoFT-AdamW step of L pairs by the native kernels in one call (:func:`native.alternating_step`):
+    the Gram pseudo-inverses that are not given (:func:`gram_pinv_and_calibration`, or :func:`calibration_matrices`),
+    :func:`update_moments_` for both sides (full variant) and :func:`projected_adam_update` for the factor that moves.
+
+    ``sides`` maps ``"u"`` (U = B) and ``"v"`` (V = A^T) to dicts with ``x``, ``grad``, the state ``exp_avg``,
+    ``cross``, ``prev``, the Gram pseudo-inverse ``pinv`` (``None``: computed here), and the flags ``calibrate`` and
+    ``changed`` (see :func:`native.alternating_step`). Only for factors :func:`native.usable` takes.
+
+    Returns the moving factor's new value (L, k, r) and the pseudo-inverses of U and V, or ``None`` when a computed
+    Gram matrix is singular or ill-conditioned: nothing has been written then, and the separate calls handle it.
+    """
+    u, v = sides["u"], sides["v"]
+    layers, rank = u["x"].shape[0], u["x"].shape[-1]
+    length = (v if move_b else u)["x"].shape[1]  # the other factor's rows
+    scale_first, kappa, eps_scaled = _block5_constants(bias_correction1, bias_correction2, eps, floor)
+    moments_size = native.update_moments_scratch_size(layers, rank)
+    adam_size = native.projected_adam_scratch_size(layers, length, rank)
+    return native.alternating_step(
+        u,
+        v,
+        move_b=move_b,
+        beta1=beta1,
+        beta2=beta2,
+        limit=_inverse_limit(u["x"]),
+        decay=decay,
+        first_scale=scale_first,
+        projector_scale=-lr * kappa,
+        eps=eps_scaled,
+        floored=floor > 0.0,
+        moments_scratch=workspace.get("native_moments", (moments_size,), u["x"]),
+        adam_scratch=workspace.get("native", (adam_size,), u["x"]),
+    )
 
 
 def _adam_ratio_(first: Tensor, second: Tensor, square: Tensor | None, eps: float, compiled: bool = False) -> Tensor:

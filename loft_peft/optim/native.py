@@ -156,6 +156,36 @@ def _declare(handle: ctypes.CDLL) -> None:
         [i32, i64, i64, i64, ptr, i64, i64, i64, ptr, ptr, ctypes.c_double] + [ptr, ptr, ptr, ptr]
     )
     handle.loft_gram_inverse.restype = i64
+    handle.loft_alternating_step.argtypes = [ctypes.POINTER(_Factor), ctypes.POINTER(_Factor), ctypes.POINTER(_Options)]
+    handle.loft_alternating_step.restype = i32
+
+
+class _Factor(ctypes.Structure):
+    """``struct loft_factor`` of ``csrc/loft_cpu.c``: one side of the pairs for :func:`alternating_step`."""
+
+    _fields_ = [
+        ("x", ctypes.c_void_p), ("x_layer", ctypes.c_int64), ("x_row", ctypes.c_int64), ("x_col", ctypes.c_int64),
+        ("grad", ctypes.c_void_p), ("grad_layer", ctypes.c_int64), ("grad_row", ctypes.c_int64),
+        ("grad_col", ctypes.c_int64),
+        ("exp_avg", ctypes.c_void_p), ("cross", ctypes.c_void_p), ("prev", ctypes.c_void_p),
+        ("pinv", ctypes.c_void_p), ("calibration", ctypes.c_void_p), ("gram", ctypes.c_void_p),
+        ("rows", ctypes.c_int64),
+        ("compute_pinv", ctypes.c_int32), ("calibrate", ctypes.c_int32), ("changed", ctypes.c_int32),
+    ]  # fmt: skip
+
+
+class _Options(ctypes.Structure):
+    """``struct loft_step_options`` of ``csrc/loft_cpu.c``."""
+
+    _fields_ = [
+        ("threads", ctypes.c_int32), ("layers", ctypes.c_int64), ("rank", ctypes.c_int64),
+        ("beta1", ctypes.c_float), ("beta2", ctypes.c_float), ("limit", ctypes.c_double),
+        ("move_b", ctypes.c_int32),
+        ("decay", ctypes.c_float), ("first_scale", ctypes.c_float), ("projector_scale", ctypes.c_float),
+        ("eps", ctypes.c_float), ("floored", ctypes.c_int32),
+        ("moments_scratch", ctypes.c_void_p), ("adam_scratch", ctypes.c_void_p),
+        ("accepted", ctypes.c_void_p), ("out", ctypes.c_void_p),
+    ]  # fmt: skip
 
 
 def _strides(x: Tensor) -> tuple[int, int, int]:
@@ -272,6 +302,71 @@ def gram_inverse(
     accepted = torch.empty(layers, dtype=torch.int32)
     count = _gram_inverse(y, prev, None, limit, gram, out, calibration, accepted)
     return out, gram, (None if count == layers else (accepted == 0).nonzero().squeeze(1)), calibration
+
+
+def alternating_step(
+    u: dict[str, Tensor | None],
+    v: dict[str, Tensor | None],
+    *,
+    move_b: bool,
+    beta1: float,
+    beta2: float,
+    limit: float,
+    decay: float,
+    first_scale: float,
+    projector_scale: float,
+    eps: float,
+    floored: bool,
+    moments_scratch: Tensor,
+    adam_scratch: Tensor,
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """One alternating LoFT-AdamW step of L pairs in one call: what :func:`gram_inverse` (or
+    :func:`calibration_matrices`), :func:`update_moments_` for both sides and :func:`projected_adam_update` for the
+    moving factor compute, in that order, with the same bits.
+
+    Each side is a dict with ``x`` (L, k, r) and ``grad`` (strided views allowed), the contiguous state ``exp_avg``,
+    ``cross``, ``prev``, ``pinv`` (``x``'s ``(x^T x)^+`` (L, r, r), or ``None`` to compute it here), and the flags
+    ``calibrate`` (compute eq. 7's C from ``prev`` for the other side's moments) and ``changed`` (``prev <- x``).
+    ``limit`` is :func:`gram_inverse`'s acceptance bound; the others are :func:`projected_adam_update`'s constants.
+
+    Returns the moving factor's new value (L, k, r) and both sides' ``(x^T x)^+``, or ``None`` when a computed inverse
+    was not accepted: then nothing has been written and the caller takes the separate calls.
+    """
+    layers, _, rank = u["x"].shape
+    keep: list[Tensor] = []  # the tensors whose pointers the call holds
+
+    def side(s: dict) -> tuple[_Factor, Tensor]:
+        x, grad = s["x"], s["grad"]
+        _contiguous_checked(s["exp_avg"], s["cross"], s["prev"])
+        compute = s["pinv"] is None
+        pinv = torch.empty(layers, rank, rank, dtype=x.dtype) if compute else s["pinv"].contiguous()
+        calibration = torch.empty(layers, rank, rank, dtype=x.dtype) if s["calibrate"] else None
+        gram = torch.empty(layers, rank, rank, dtype=x.dtype) if compute else None
+        keep.extend(t for t in (pinv, calibration, gram) if t is not None)
+        factor = _Factor(
+            x.data_ptr(), *_strides(x), grad.data_ptr(), *_strides(grad),
+            s["exp_avg"].data_ptr(), s["cross"].data_ptr(), s["prev"].data_ptr(), pinv.data_ptr(),
+            None if calibration is None else calibration.data_ptr(), None if gram is None else gram.data_ptr(),
+            x.shape[1], int(compute), int(s["calibrate"]), int(s["changed"]),
+        )  # fmt: skip
+        return factor, pinv
+
+    factor_u, pinv_u = side(u)
+    factor_v, pinv_v = side(v)
+    moving = u if move_b else v
+    out = torch.empty(moving["x"].shape, dtype=moving["x"].dtype)
+    accepted = torch.empty(layers, dtype=torch.int32)
+    options = _Options(
+        torch.get_num_threads(), layers, rank, beta1, beta2, limit, int(move_b),
+        decay, first_scale, projector_scale, eps, int(floored),
+        moments_scratch.data_ptr(), adam_scratch.data_ptr(), accepted.data_ptr(), out.data_ptr(),
+    )  # fmt: skip
+    result = library().loft_alternating_step(ctypes.byref(factor_u), ctypes.byref(factor_v), ctypes.byref(options))
+    if result == 2:
+        return None
+    if result != 0:
+        raise MemoryError("LoFT native kernel: out of memory for its per-thread buffers")
+    return out, pinv_u, pinv_v
 
 
 def calibration_matrices(prev: Tensor, y: Tensor, y_gram_pinv: Tensor) -> Tensor:

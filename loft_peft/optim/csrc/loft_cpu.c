@@ -802,3 +802,79 @@ int64_t loft_gram_inverse(int threads, int64_t layers, int64_t length, int64_t r
     free(sums);
     return count;
 }
+
+/* ------------------------------------------------------------------------------------------------------------------
+ * One alternating LoFT-AdamW step of L same-shape pairs in one call (kernels.alternating_step): the Gram inverses
+ * and calibration matrices that are not given, both sides' moments (blocks 2-4), the previous factors, and block 5
+ * for the factor that moves. The same functions as the separate calls, in the same order, so the same bits.
+ * ------------------------------------------------------------------------------------------------------------------ */
+
+/* One side of the pairs: the factor x (U = B or V = A^T) with its gradient and state. */
+struct loft_factor {
+    const float *x;                /* (L, rows, r), strided */
+    int64_t x_layer, x_row, x_col;
+    const float *grad;             /* (L, rows, r), strided */
+    int64_t grad_layer, grad_row, grad_col;
+    float *exp_avg, *cross, *prev; /* (L, rows, r), (L, rows, R), (L, rows, r), C order, updated in place */
+    float *pinv;                   /* (L, r, r): (x^T x)^+, computed here when compute_pinv, else given */
+    float *calibration;            /* (L, r, r): eq. (7)'s C for the other side's moments, when calibrate */
+    float *gram;                   /* (L, r, r) scratch for the Gram matrices */
+    int64_t rows;
+    int32_t compute_pinv, calibrate;
+    int32_t changed;               /* x differs from prev: prev <- x after the moments */
+};
+
+struct loft_step_options {
+    int32_t threads;
+    int64_t layers, rank;
+    float beta1, beta2;
+    double limit;                  /* the acceptance bound of the Cholesky inverses (loft_gram_inverse) */
+    int32_t move_b;                /* 1: U moves, 0: V moves */
+    float decay, first_scale, projector_scale, eps;  /* block 5's constants, as loft_projected_adam takes them */
+    int32_t floored;
+    float *moments_scratch, *adam_scratch;  /* loft_update_moments_scratch, loft_projected_adam_scratch floats */
+    int32_t *accepted;             /* L ints */
+    float *out;                    /* (L, rows of the moving factor, r): its new value */
+};
+
+/* Returns 0; 1 when out of memory (the state may be partly updated, as with the separate calls); 2 when a Gram
+ * inverse was not accepted, before any state is written (the caller then takes the general path). */
+int loft_alternating_step(const struct loft_factor *u, const struct loft_factor *v, const struct loft_step_options *o) {
+    const int64_t layers = o->layers, rank = o->rank;
+    const struct loft_factor *sides[2] = {u, v};
+    for (int k = 0; k < 2; k++) {
+        const struct loft_factor *s = sides[k];
+        if (s->compute_pinv) {
+            const int64_t count = loft_gram_inverse(
+                o->threads, layers, s->rows, rank, s->x, s->x_layer, s->x_row, s->x_col,
+                s->calibrate ? s->prev : NULL, NULL, o->limit, s->gram, s->pinv,
+                s->calibrate ? s->calibration : NULL, o->accepted);
+            if (count < 0) return 1;
+            if (count < layers) return 2;
+        } else if (s->calibrate) {
+            if (loft_gram_inverse(o->threads, layers, s->rows, rank, s->x, s->x_layer, s->x_row, s->x_col, s->prev,
+                                  s->pinv, 0.0, NULL, NULL, s->calibration, o->accepted) != layers)
+                return 1;
+        }
+    }
+    for (int k = 0; k < 2; k++) {  /* a side's gradient is scaled by the other's inverse, carried by its C */
+        const struct loft_factor *s = sides[k], *other = sides[1 - k];
+        if (loft_update_moments(o->threads, layers, s->rows, rank, s->grad, s->grad_layer, s->grad_row, s->grad_col,
+                                other->pinv, other->calibrate ? other->calibration : NULL, o->beta1, o->beta2, 1,
+                                s->exp_avg, s->cross, o->moments_scratch, NULL, 0, 0, 0, 1.0f, 0.0f, 0.0f, NULL))
+            return 1;
+    }
+    for (int k = 0; k < 2; k++) {
+        const struct loft_factor *s = sides[k];
+        if (!s->changed) continue;
+        for (int64_t layer = 0; layer < layers; layer++)
+            for (int64_t i = 0; i < s->rows; i++)
+                for (int64_t a = 0; a < rank; a++)
+                    s->prev[(layer * s->rows + i) * rank + a] = s->x[layer * s->x_layer + i * s->x_row + a * s->x_col];
+    }
+    const struct loft_factor *moving = o->move_b ? u : v, *other = o->move_b ? v : u;
+    return loft_projected_adam(o->threads, layers, moving->rows, other->rows, rank, moving->x, moving->x_layer,
+                               moving->x_row, moving->x_col, moving->exp_avg, moving->cross, other->x, other->x_layer,
+                               other->x_row, other->x_col, other->pinv, o->decay, o->first_scale, o->projector_scale,
+                               o->eps, o->floored, o->adam_scratch, o->out);
+}
