@@ -501,6 +501,7 @@ def alternating_step(
         floored=floor > 0.0,
         moments_scratch=workspace.get("native_moments", (moments_size,), u["x"]),
         adam_scratch=workspace.get("native", (adam_size,), u["x"]),
+        buffer=lambda name, shape: workspace.get("step_" + name, shape, u["x"]),
     )
 
 

@@ -24,6 +24,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -319,6 +320,7 @@ def alternating_step(
     floored: bool,
     moments_scratch: Tensor,
     adam_scratch: Tensor,
+    buffer: Callable[[str, tuple[int, ...]], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor] | None:
     """One alternating LoFT-AdamW step of L pairs in one call: what :func:`gram_inverse` (or
     :func:`calibration_matrices`), :func:`update_moments_` for both sides and :func:`projected_adam_update` for the
@@ -328,21 +330,24 @@ def alternating_step(
     ``cross``, ``prev``, ``pinv`` (``x``'s ``(x^T x)^+`` (L, r, r), or ``None`` to compute it here), and the flags
     ``calibrate`` (compute eq. 7's C from ``prev`` for the other side's moments) and ``changed`` (``prev <- x``).
     ``limit`` is :func:`gram_inverse`'s acceptance bound; the others are :func:`projected_adam_update`'s constants.
+    ``buffer(name, shape)`` gives fp32 scratch tensors kept between calls (fresh ones without it); the new factor is
+    one of them, to be copied out before the next call.
 
     Returns the moving factor's new value (L, k, r) and both sides' ``(x^T x)^+``, or ``None`` when a computed inverse
     was not accepted: then nothing has been written and the caller takes the separate calls.
     """
     layers, _, rank = u["x"].shape
-    keep: list[Tensor] = []  # the tensors whose pointers the call holds
+    if buffer is None:
+        buffer = lambda name, shape: torch.empty(shape, dtype=torch.float32)  # noqa: E731
+    square = (layers, rank, rank)
 
-    def side(s: dict) -> tuple[_Factor, Tensor]:
+    def side(s: dict, name: str) -> tuple[_Factor, Tensor]:
         x, grad = s["x"], s["grad"]
         _contiguous_checked(s["exp_avg"], s["cross"], s["prev"])
         compute = s["pinv"] is None
-        pinv = torch.empty(layers, rank, rank, dtype=x.dtype) if compute else s["pinv"].contiguous()
-        calibration = torch.empty(layers, rank, rank, dtype=x.dtype) if s["calibrate"] else None
-        gram = torch.empty(layers, rank, rank, dtype=x.dtype) if compute else None
-        keep.extend(t for t in (pinv, calibration, gram) if t is not None)
+        pinv = torch.empty(square, dtype=torch.float32) if compute else s["pinv"].contiguous()  # the caller keeps it
+        calibration = buffer(name + "_calibration", square) if s["calibrate"] else None
+        gram = buffer(name + "_gram", square) if compute else None
         factor = _Factor(
             x.data_ptr(), *_strides(x), grad.data_ptr(), *_strides(grad),
             s["exp_avg"].data_ptr(), s["cross"].data_ptr(), s["prev"].data_ptr(), pinv.data_ptr(),
@@ -351,11 +356,10 @@ def alternating_step(
         )  # fmt: skip
         return factor, pinv
 
-    factor_u, pinv_u = side(u)
-    factor_v, pinv_v = side(v)
-    moving = u if move_b else v
-    out = torch.empty(moving["x"].shape, dtype=moving["x"].dtype)
-    accepted = torch.empty(layers, dtype=torch.int32)
+    factor_u, pinv_u = side(u, "u")
+    factor_v, pinv_v = side(v, "v")
+    out = buffer("new_factor", tuple((u if move_b else v)["x"].shape))
+    accepted = buffer("accepted", (layers,)).view(torch.int32)  # int32 has float32's size
     options = _Options(
         torch.get_num_threads(), layers, rank, beta1, beta2, limit, int(move_b),
         decay, first_scale, projector_scale, eps, int(floored),
