@@ -197,27 +197,33 @@ def test_one_call_native_step_gives_the_bits_of_the_separate_native_calls(option
             assert torch.equal(one_state[index][key], value), (index, key)
 
 
-def test_one_call_native_step_declines_a_singular_gram_matrix_before_writing_anything():
-    """A Gram matrix whose Cholesky inverse is not accepted makes ``native.alternating_step`` return ``None`` with the
-    state untouched, so that the separate calls (which take the eigendecomposition) can do the step."""
+@pytest.mark.parametrize("reason", ["singular Gram matrix", "factor changed in one layer of two"])
+def test_one_call_native_step_declines_what_the_separate_calls_handle_before_writing_anything(reason):
+    """A Gram matrix whose Cholesky inverse is not accepted, or a factor that changed in some layers only, makes
+    ``kernels.alternating_step`` return ``None`` with the state untouched, so that the separate calls (with the
+    eigendecomposition, or per-layer calibration) can do the step."""
     if not native.enabled():
         pytest.skip("the native kernels could not be built here (no C compiler?)")
     generator = torch.Generator().manual_seed(0)
-    rows, rank = 12, 4
-    u = torch.randn(1, rows, rank, generator=generator)
-    u[..., 3] = u[..., 2]  # rank-deficient: (U^T U) is singular
-    v = torch.randn(1, 9, rank, generator=generator)
+    layers, rank = 2, 4
+    u = torch.randn(layers, 12, rank, generator=generator)
+    v = torch.randn(layers, 9, rank, generator=generator)
+    u_prev = u + 0.01
+    if reason == "singular Gram matrix":
+        u[..., 3] = u[..., 2]  # (U^T U) is singular
+    else:
+        u_prev[1] = u[1]  # U changed in layer 0 only
     sides = {}
-    for name, x in (("u", u), ("v", v)):
+    for name, x, prev in (("u", u, u_prev), ("v", v, v + 0.01)):
         sides[name] = dict(
             x=x,
             grad=torch.randn(x.shape, generator=generator),
             exp_avg=torch.randn(x.shape, generator=generator),
-            cross=torch.rand(1, x.shape[1], maths.packed_size(rank), generator=generator),
-            prev=x + 0.01,
-            pinv=None,
+            cross=torch.rand(layers, x.shape[1], maths.packed_size(rank), generator=generator),
+            prev=prev,
+            pinv_prev=None,
+            pinv_now=None,
             calibrate=True,
-            changed=True,
         )
     before = {(name, key): value.clone() for name, side in sides.items() for key, value in side.items()
               if torch.is_tensor(value)}  # fmt: skip

@@ -257,10 +257,6 @@ class LoftAdamW(LoftOptimizerBase):
         grad_u = stack_factors([grad_or_zeros(b) for b in b_params], dtype)
         grad_v = stack_factors([grad_or_zeros(a) for a in a_params], dtype).transpose(1, 2)
 
-        # Which factors changed since the last step (the one that moved); an unchanged factor needs no calibration
-        # and keeps its Gram pseudo-inverse from the last step.
-        same_u, same_u_mask = _compare(t["u:prev"], u)
-        same_v, same_v_mask = _compare(t["v:prev"], v)
         cache = stacked.gram_pinv if whole else None
         t["u:step"].add_(1.0)
         step += 1.0
@@ -274,21 +270,21 @@ class LoftAdamW(LoftOptimizerBase):
             eps=eps,
         )
         workspace = self._caches().setdefault("workspace", kernels.Workspace())
-        if full and group["alternate"] and same_u_mask is None and same_v_mask is None and native.usable(u):
-            # The whole step in one call of the native kernels (the same computation as below).
-            sides = {}
-            for side, params, x, grad, same in (("u", b_params, u, grad_u, same_u), ("v", a_params, v, grad_v, same_v)):
-                pinv = cache[side] if cache is not None and same else self.cached_gram_pinv(params, x)
-                sides[side] = dict(
+        if full and group["alternate"] and native.usable(u):
+            # The whole step in one call of the native kernels: the computation below, with the same bits.
+            sides = {
+                side: dict(
                     x=x,
                     grad=grad,
                     exp_avg=t[side + ":exp_avg"],
                     cross=t[side + ":cross_sq"],
                     prev=t[side + ":prev"],
-                    pinv=pinv,
-                    calibrate=group["calibrate"] and not same,
-                    changed=not same,
+                    pinv_prev=None if cache is None else cache[side],
+                    pinv_now=self.cached_gram_pinv(params, x),
+                    calibrate=group["calibrate"],
                 )
+                for side, params, x, grad in (("u", b_params, u, grad_u), ("v", a_params, v, grad_v))
+            }
             result = kernels.alternating_step(
                 sides,
                 move_b=move_b,
@@ -308,6 +304,10 @@ class LoftAdamW(LoftOptimizerBase):
                 if whole:
                     stacked.gram_pinv = {"u": pinv_u, "v": pinv_v}
                 return
+        # Which factors changed since the last step (the one that moved); an unchanged factor needs no calibration
+        # and keeps its Gram pseudo-inverse from the last step.
+        same_u, same_u_mask = _compare(t["u:prev"], u)
+        same_v, same_v_mask = _compare(t["v:prev"], v)
         # Block 3's calibration matrices: m^U is carried by C^V (V changed since the last step), m^V by C^U.
         pinv_u, calib_for_v = self._gram_pinv_and_calibration(
             group, b_params, u, t["u:prev"], cache["u"] if cache is not None and same_u else None, same_u, same_u_mask

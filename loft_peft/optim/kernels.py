@@ -471,15 +471,17 @@ def alternating_step(
     workspace: Workspace,
 ) -> tuple[Tensor, Tensor, Tensor] | None:
     """One alternating LoFT-AdamW step of L pairs by the native kernels in one call (:func:`native.alternating_step`):
-    the Gram pseudo-inverses that are not given (:func:`gram_pinv_and_calibration`, or :func:`calibration_matrices`),
-    :func:`update_moments_` for both sides (full variant) and :func:`projected_adam_update` for the factor that moves.
+    whether each factor changed since the last step, the Gram pseudo-inverses not known already
+    (:func:`gram_pinv_and_calibration`, or :func:`calibration_matrices` for a known one), :func:`update_moments_` for
+    both sides (full variant) and :func:`projected_adam_update` for the factor that moves.
 
     ``sides`` maps ``"u"`` (U = B) and ``"v"`` (V = A^T) to dicts with ``x``, ``grad``, the state ``exp_avg``,
-    ``cross``, ``prev``, the Gram pseudo-inverse ``pinv`` (``None``: computed here), and the flags ``calibrate`` and
-    ``changed`` (see :func:`native.alternating_step`). Only for factors :func:`native.usable` takes.
+    ``cross``, ``prev``, the known pseudo-inverses ``pinv_prev`` (of ``prev``) and ``pinv_now`` (of ``x``) or
+    ``None``, and ``calibrate`` (see :func:`native.alternating_step`). Only for factors :func:`native.usable` takes.
 
-    Returns the moving factor's new value (L, k, r) and the pseudo-inverses of U and V, or ``None`` when a computed
-    Gram matrix is singular or ill-conditioned: nothing has been written then, and the separate calls handle it.
+    Returns the moving factor's new value (L, k, r; a workspace buffer, to be copied out) and the pseudo-inverses of U
+    and V, or ``None`` when a computed Gram matrix is singular or ill-conditioned or a factor changed in some layers
+    only: nothing has been written then, and the separate calls handle it.
     """
     u, v = sides["u"], sides["v"]
     layers, rank = u["x"].shape[0], u["x"].shape[-1]

@@ -169,9 +169,9 @@ class _Factor(ctypes.Structure):
         ("grad", ctypes.c_void_p), ("grad_layer", ctypes.c_int64), ("grad_row", ctypes.c_int64),
         ("grad_col", ctypes.c_int64),
         ("exp_avg", ctypes.c_void_p), ("cross", ctypes.c_void_p), ("prev", ctypes.c_void_p),
-        ("pinv", ctypes.c_void_p), ("calibration", ctypes.c_void_p), ("gram", ctypes.c_void_p),
-        ("rows", ctypes.c_int64),
-        ("compute_pinv", ctypes.c_int32), ("calibrate", ctypes.c_int32), ("changed", ctypes.c_int32),
+        ("pinv_prev", ctypes.c_void_p), ("pinv_now", ctypes.c_void_p), ("pinv", ctypes.c_void_p),
+        ("calibration", ctypes.c_void_p), ("gram", ctypes.c_void_p),
+        ("rows", ctypes.c_int64), ("calibrate", ctypes.c_int32), ("changed", ctypes.c_int32),
     ]  # fmt: skip
 
 
@@ -306,8 +306,8 @@ def gram_inverse(
 
 
 def alternating_step(
-    u: dict[str, Tensor | None],
-    v: dict[str, Tensor | None],
+    u: dict,
+    v: dict,
     *,
     move_b: bool,
     beta1: float,
@@ -320,39 +320,45 @@ def alternating_step(
     floored: bool,
     moments_scratch: Tensor,
     adam_scratch: Tensor,
-    buffer: Callable[[str, tuple[int, ...]], Tensor] | None = None,
+    buffer: Callable[[str, tuple[int, ...]], Tensor],
 ) -> tuple[Tensor, Tensor, Tensor] | None:
-    """One alternating LoFT-AdamW step of L pairs in one call: what :func:`gram_inverse` (or
-    :func:`calibration_matrices`), :func:`update_moments_` for both sides and :func:`projected_adam_update` for the
-    moving factor compute, in that order, with the same bits.
+    """One alternating LoFT-AdamW step of L pairs in one call: the comparison of each factor with its previous value,
+    then what :func:`gram_inverse` (or :func:`calibration_matrices`), :func:`update_moments_` for both sides and
+    :func:`projected_adam_update` for the moving factor compute, in that order, with the same bits.
 
     Each side is a dict with ``x`` (L, k, r) and ``grad`` (strided views allowed), the contiguous state ``exp_avg``,
-    ``cross``, ``prev``, ``pinv`` (``x``'s ``(x^T x)^+`` (L, r, r), or ``None`` to compute it here), and the flags
-    ``calibrate`` (compute eq. 7's C from ``prev`` for the other side's moments) and ``changed`` (``prev <- x``).
-    ``limit`` is :func:`gram_inverse`'s acceptance bound; the others are :func:`projected_adam_update`'s constants.
-    ``buffer(name, shape)`` gives fp32 scratch tensors kept between calls (fresh ones without it); the new factor is
-    one of them, to be copied out before the next call.
+    ``cross`` and ``prev``, the Gram pseudo-inverses known already, ``pinv_prev`` (of ``prev``) and ``pinv_now`` (of
+    ``x``), each (L, r, r) or ``None``, and ``calibrate`` (eq. 7, when ``x`` changed). ``limit`` is
+    :func:`gram_inverse`'s acceptance bound; the others are :func:`projected_adam_update`'s constants.
+    ``buffer(name, shape)`` gives fp32 scratch tensors kept between calls; the new factor is one of them, to be copied
+    out before the next call.
 
-    Returns the moving factor's new value (L, k, r) and both sides' ``(x^T x)^+``, or ``None`` when a computed inverse
-    was not accepted: then nothing has been written and the caller takes the separate calls.
+    Returns the moving factor's new value (L, k, r) and the pseudo-inverses of ``u["x"]`` and ``v["x"]`` (new
+    tensors), or ``None`` when a computed inverse was not accepted or a factor changed in some layers only: then
+    nothing has been written and the caller takes the separate calls.
     """
     layers, _, rank = u["x"].shape
-    if buffer is None:
-        buffer = lambda name, shape: torch.empty(shape, dtype=torch.float32)  # noqa: E731
     square = (layers, rank, rank)
+    keep: list[Tensor] = []  # contiguous copies the call reads, alive until it returns
+
+    def pointer(t: Tensor | None) -> int | None:
+        if t is None:
+            return None
+        if not t.is_contiguous():
+            t = t.contiguous()
+            keep.append(t)
+        return t.data_ptr()
 
     def side(s: dict, name: str) -> tuple[_Factor, Tensor]:
         x, grad = s["x"], s["grad"]
         _contiguous_checked(s["exp_avg"], s["cross"], s["prev"])
-        compute = s["pinv"] is None
-        pinv = torch.empty(square, dtype=torch.float32) if compute else s["pinv"].contiguous()  # the caller keeps it
-        calibration = buffer(name + "_calibration", square) if s["calibrate"] else None
-        gram = buffer(name + "_gram", square) if compute else None
+        pinv = torch.empty(square, dtype=torch.float32)  # the caller keeps it
         factor = _Factor(
             x.data_ptr(), *_strides(x), grad.data_ptr(), *_strides(grad),
-            s["exp_avg"].data_ptr(), s["cross"].data_ptr(), s["prev"].data_ptr(), pinv.data_ptr(),
-            None if calibration is None else calibration.data_ptr(), None if gram is None else gram.data_ptr(),
-            x.shape[1], int(compute), int(s["calibrate"]), int(s["changed"]),
+            s["exp_avg"].data_ptr(), s["cross"].data_ptr(), s["prev"].data_ptr(),
+            pointer(s["pinv_prev"]), pointer(s["pinv_now"]), pinv.data_ptr(),
+            buffer(name + "_calibration", square).data_ptr(), buffer(name + "_gram", square).data_ptr(),
+            x.shape[1], int(s["calibrate"]), 0,
         )  # fmt: skip
         return factor, pinv
 
@@ -366,7 +372,7 @@ def alternating_step(
         moments_scratch.data_ptr(), adam_scratch.data_ptr(), accepted.data_ptr(), out.data_ptr(),
     )  # fmt: skip
     result = library().loft_alternating_step(ctypes.byref(factor_u), ctypes.byref(factor_v), ctypes.byref(options))
-    if result == 2:
+    if result in (2, 3):
         return None
     if result != 0:
         raise MemoryError("LoFT native kernel: out of memory for its per-thread buffers")

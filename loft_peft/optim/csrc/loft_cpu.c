@@ -804,9 +804,10 @@ int64_t loft_gram_inverse(int threads, int64_t layers, int64_t length, int64_t r
 }
 
 /* ------------------------------------------------------------------------------------------------------------------
- * One alternating LoFT-AdamW step of L same-shape pairs in one call (kernels.alternating_step): the Gram inverses
- * and calibration matrices that are not given, both sides' moments (blocks 2-4), the previous factors, and block 5
- * for the factor that moves. The same functions as the separate calls, in the same order, so the same bits.
+ * One alternating LoFT-AdamW step of L same-shape pairs in one call (kernels.alternating_step): which factors changed
+ * since the last step, the Gram inverses not already known and the calibration matrices, both sides' moments
+ * (blocks 2-4), the previous factors, and block 5 for the factor that moves. The same functions as the separate calls,
+ * in the same order, so the same bits.
  * ------------------------------------------------------------------------------------------------------------------ */
 
 /* One side of the pairs: the factor x (U = B or V = A^T) with its gradient and state. */
@@ -816,12 +817,14 @@ struct loft_factor {
     const float *grad;             /* (L, rows, r), strided */
     int64_t grad_layer, grad_row, grad_col;
     float *exp_avg, *cross, *prev; /* (L, rows, r), (L, rows, R), (L, rows, r), C order, updated in place */
-    float *pinv;                   /* (L, r, r): (x^T x)^+, computed here when compute_pinv, else given */
-    float *calibration;            /* (L, r, r): eq. (7)'s C for the other side's moments, when calibrate */
+    const float *pinv_prev;        /* (L, r, r): (prev^T prev)^+, or NULL */
+    const float *pinv_now;         /* (L, r, r): (x^T x)^+ computed elsewhere for these very values, or NULL */
+    float *pinv;                   /* (L, r, r) out: (x^T x)^+ */
+    float *calibration;            /* (L, r, r) scratch: eq. (7)'s C for the other side's moments */
     float *gram;                   /* (L, r, r) scratch for the Gram matrices */
     int64_t rows;
-    int32_t compute_pinv, calibrate;
-    int32_t changed;               /* x differs from prev: prev <- x after the moments */
+    int32_t calibrate;             /* calibrate the other side's moments when x changed */
+    int32_t changed;               /* out: x differs from prev (in every layer) */
 };
 
 struct loft_step_options {
@@ -837,31 +840,56 @@ struct loft_step_options {
     float *out;                    /* (L, rows of the moving factor, r): its new value */
 };
 
-/* Returns 0; 1 when out of memory (the state may be partly updated, as with the separate calls); 2 when a Gram
- * inverse was not accepted, before any state is written (the caller then takes the general path). */
-int loft_alternating_step(const struct loft_factor *u, const struct loft_factor *v, const struct loft_step_options *o) {
-    const int64_t layers = o->layers, rank = o->rank;
-    const struct loft_factor *sides[2] = {u, v};
+/* Whether layer `layer` of x equals prev (as torch.equal: every element ==). */
+static int layer_unchanged(const struct loft_factor *s, int64_t rank, int64_t layer) {
+    const float *x = s->x + layer * s->x_layer, *prev = s->prev + layer * s->rows * rank;
+    for (int64_t i = 0; i < s->rows; i++) {
+        int differs = 0;
+        for (int64_t a = 0; a < rank; a++) differs |= x[i * s->x_row + a * s->x_col] != prev[i * rank + a];
+        if (differs) return 0;
+    }
+    return 1;
+}
+
+/* Returns 0; 1 when out of memory (the state may be partly updated, as with the separate calls); before any state is
+ * written, 2 when a Gram inverse was not accepted and 3 when a factor changed in some layers only (the caller then
+ * takes the general path, which handles both). */
+int loft_alternating_step(struct loft_factor *u, struct loft_factor *v, const struct loft_step_options *o) {
+    const int64_t layers = o->layers, rank = o->rank, square = layers * rank * rank;
+    struct loft_factor *sides[2] = {u, v};
     for (int k = 0; k < 2; k++) {
-        const struct loft_factor *s = sides[k];
-        if (s->compute_pinv) {
+        struct loft_factor *s = sides[k];
+        int64_t unchanged = 0;
+        for (int64_t layer = 0; layer < layers; layer++) unchanged += layer_unchanged(s, rank, layer);
+        if (unchanged != 0 && unchanged != layers) return 3;
+        s->changed = unchanged == 0;
+    }
+    for (int k = 0; k < 2; k++) {
+        struct loft_factor *s = sides[k];
+        /* as the separate calls choose: an unchanged factor's inverse from the last step, else one computed
+         * elsewhere for these values, else computed here */
+        const float *known = s->changed || s->pinv_prev == NULL ? s->pinv_now : s->pinv_prev;
+        const int calibrate = s->calibrate && s->changed;
+        if (known != NULL) {
+            memcpy(s->pinv, known, (size_t)square * sizeof(float));
+            if (calibrate && loft_gram_inverse(o->threads, layers, s->rows, rank, s->x, s->x_layer, s->x_row,
+                                               s->x_col, s->prev, s->pinv, 0.0, NULL, NULL, s->calibration,
+                                               o->accepted) != layers)
+                return 1;
+        } else {
             const int64_t count = loft_gram_inverse(
-                o->threads, layers, s->rows, rank, s->x, s->x_layer, s->x_row, s->x_col,
-                s->calibrate ? s->prev : NULL, NULL, o->limit, s->gram, s->pinv,
-                s->calibrate ? s->calibration : NULL, o->accepted);
+                o->threads, layers, s->rows, rank, s->x, s->x_layer, s->x_row, s->x_col, calibrate ? s->prev : NULL,
+                NULL, o->limit, s->gram, s->pinv, calibrate ? s->calibration : NULL, o->accepted);
             if (count < 0) return 1;
             if (count < layers) return 2;
-        } else if (s->calibrate) {
-            if (loft_gram_inverse(o->threads, layers, s->rows, rank, s->x, s->x_layer, s->x_row, s->x_col, s->prev,
-                                  s->pinv, 0.0, NULL, NULL, s->calibration, o->accepted) != layers)
-                return 1;
         }
     }
     for (int k = 0; k < 2; k++) {  /* a side's gradient is scaled by the other's inverse, carried by its C */
         const struct loft_factor *s = sides[k], *other = sides[1 - k];
+        const float *calibration = other->calibrate && other->changed ? other->calibration : NULL;
         if (loft_update_moments(o->threads, layers, s->rows, rank, s->grad, s->grad_layer, s->grad_row, s->grad_col,
-                                other->pinv, other->calibrate ? other->calibration : NULL, o->beta1, o->beta2, 1,
-                                s->exp_avg, s->cross, o->moments_scratch, NULL, 0, 0, 0, 1.0f, 0.0f, 0.0f, NULL))
+                                other->pinv, calibration, o->beta1, o->beta2, 1, s->exp_avg, s->cross,
+                                o->moments_scratch, NULL, 0, 0, 0, 1.0f, 0.0f, 0.0f, NULL))
             return 1;
     }
     for (int k = 0; k < 2; k++) {
