@@ -197,6 +197,52 @@ def test_one_call_native_step_gives_the_bits_of_the_separate_native_calls(option
             assert torch.equal(one_state[index][key], value), (index, key)
 
 
+def _alternating_step_sides(layers, rows_u, rows_v, rank, generator, calibrate=True):
+    """Inputs for ``kernels.alternating_step``: both factors changed since ``prev``, no pseudo-inverse known."""
+    sides = {}
+    for name, rows in (("u", rows_u), ("v", rows_v)):
+        x = torch.randn(layers, rows, rank, generator=generator)
+        sides[name] = dict(
+            x=x,
+            grad=torch.randn(x.shape, generator=generator),
+            exp_avg=torch.randn(x.shape, generator=generator),
+            cross=torch.rand(layers, rows, maths.packed_size(rank), generator=generator),
+            prev=x + 0.01,
+            pinv_prev=None,
+            pinv_now=None,
+            calibrate=calibrate,
+        )
+    return sides
+
+
+_STEP_OPTIONS = dict(beta1=0.9, beta2=0.999, lr=1e-3, decay=1.0, bias_correction1=0.1, bias_correction2=0.001,
+                     eps=1e-8, floor=0.0)  # fmt: skip
+
+
+@pytest.mark.parametrize("move_b", [True, False], ids=["B moves", "A moves"])
+def test_one_call_native_step_writes_into_the_parameters_what_it_returns_otherwise(move_b):
+    """The new factor written straight into the parameters' memory (V's (i, b) is A's (b, i)) equals, bit for bit,
+    the one returned in the workspace buffer from the same inputs."""
+    if not native.enabled():
+        pytest.skip("the native kernels could not be built here (no C compiler?)")
+    layers, rows_u, rows_v, rank = 3, 40, 24, 5
+    results = {}
+    for direct in (False, True):
+        sides = _alternating_step_sides(layers, rows_u, rows_v, rank, torch.Generator().manual_seed(0))
+        params = [torch.full((rows_u, rank) if move_b else (rank, rows_v), float("nan")) for _ in range(layers)]
+        strides = params[0].stride() if move_b else params[0].stride()[::-1]
+        new, *_ = kernels.alternating_step(
+            sides, move_b=move_b, workspace=kernels.Workspace(), destination=params if direct else None,
+            destination_strides=strides, **_STEP_OPTIONS,
+        )  # fmt: skip
+        if direct:
+            assert new is None
+            new = torch.stack(params) if move_b else torch.stack(params).transpose(1, 2)
+        results[direct] = new.clone()
+    assert torch.isfinite(results[True]).all()
+    assert torch.equal(results[True], results[False])
+
+
 @pytest.mark.parametrize("reason", ["singular Gram matrix", "factor changed in one layer of two"])
 def test_one_call_native_step_declines_what_the_separate_calls_handle_before_writing_anything(reason):
     """A Gram matrix whose Cholesky inverse is not accepted, or a factor that changed in some layers only, makes
@@ -204,33 +250,15 @@ def test_one_call_native_step_declines_what_the_separate_calls_handle_before_wri
     eigendecomposition, or per-layer calibration) can do the step."""
     if not native.enabled():
         pytest.skip("the native kernels could not be built here (no C compiler?)")
-    generator = torch.Generator().manual_seed(0)
-    layers, rank = 2, 4
-    u = torch.randn(layers, 12, rank, generator=generator)
-    v = torch.randn(layers, 9, rank, generator=generator)
-    u_prev = u + 0.01
+    sides = _alternating_step_sides(2, 12, 9, 4, torch.Generator().manual_seed(0))
+    u, u_prev = sides["u"]["x"], sides["u"]["prev"]
     if reason == "singular Gram matrix":
         u[..., 3] = u[..., 2]  # (U^T U) is singular
     else:
         u_prev[1] = u[1]  # U changed in layer 0 only
-    sides = {}
-    for name, x, prev in (("u", u, u_prev), ("v", v, v + 0.01)):
-        sides[name] = dict(
-            x=x,
-            grad=torch.randn(x.shape, generator=generator),
-            exp_avg=torch.randn(x.shape, generator=generator),
-            cross=torch.rand(layers, x.shape[1], maths.packed_size(rank), generator=generator),
-            prev=prev,
-            pinv_prev=None,
-            pinv_now=None,
-            calibrate=True,
-        )
     before = {(name, key): value.clone() for name, side in sides.items() for key, value in side.items()
               if torch.is_tensor(value)}  # fmt: skip
-    result = kernels.alternating_step(
-        sides, move_b=True, beta1=0.9, beta2=0.999, lr=1e-3, decay=1.0, bias_correction1=0.1,
-        bias_correction2=0.001, eps=1e-8, floor=0.0, workspace=kernels.Workspace(),
-    )  # fmt: skip
+    result = kernels.alternating_step(sides, move_b=True, workspace=kernels.Workspace(), **_STEP_OPTIONS)
     assert result is None
     for (name, key), value in before.items():
         assert torch.equal(sides[name][key], value), (name, key)

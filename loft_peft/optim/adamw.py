@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import increment_version
 
 from . import kernels, maths, native
 from .base import (
@@ -285,6 +286,10 @@ class LoftAdamW(LoftOptimizerBase):
                 )
                 for side, params, x, grad in (("u", b_params, u, grad_u), ("v", a_params, v, grad_v))
             }
+            # fp32 parameters of one layout take the new factor directly (V's (i, b) is A's (b, i)).
+            moving = b_params if move_b else a_params
+            strides = moving[0].stride() if move_b else moving[0].stride()[::-1]
+            direct = all(p.dtype == torch.float32 and p.stride() == moving[0].stride() for p in moving)
             result = kernels.alternating_step(
                 sides,
                 move_b=move_b,
@@ -292,11 +297,15 @@ class LoftAdamW(LoftOptimizerBase):
                 beta2=beta2,
                 floor=maths.second_moment_floor(beta1, beta2),
                 workspace=workspace,
+                destination=moving if direct else None,
+                destination_strides=strides,
                 **options,
             )
             if result is not None:
                 new, pinv_u, pinv_v = result
-                if move_b:
+                if new is None:
+                    increment_version(moving)  # as an in-place copy would: autograd sees the change
+                elif move_b:
                     torch._foreach_copy_(b_params, list(new.unbind(0)))
                 else:
                     torch._foreach_copy_(a_params, [x.T for x in new.unbind(0)])

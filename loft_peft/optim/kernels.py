@@ -469,7 +469,9 @@ def alternating_step(
     eps: float,
     floor: float,
     workspace: Workspace,
-) -> tuple[Tensor, Tensor, Tensor] | None:
+    destination: list[Tensor] | None = None,
+    destination_strides: tuple[int, int] = (0, 0),
+) -> tuple[Tensor | None, Tensor, Tensor] | None:
     """One alternating LoFT-AdamW step of L pairs by the native kernels in one call (:func:`native.alternating_step`):
     whether each factor changed since the last step, the Gram pseudo-inverses not known already
     (:func:`gram_pinv_and_calibration`, or :func:`calibration_matrices` for a known one), :func:`update_moments_` for
@@ -479,16 +481,15 @@ def alternating_step(
     ``cross``, ``prev``, the known pseudo-inverses ``pinv_prev`` (of ``prev``) and ``pinv_now`` (of ``x``) or
     ``None``, and ``calibrate`` (see :func:`native.alternating_step`). Only for factors :func:`native.usable` takes.
 
-    Returns the moving factor's new value (L, k, r; a workspace buffer, to be copied out) and the pseudo-inverses of U
-    and V, or ``None`` when a computed Gram matrix is singular or ill-conditioned or a factor changed in some layers
-    only: nothing has been written then, and the separate calls handle it.
+    The moving factor's new value is written to ``destination`` (see :func:`native.alternating_step`), or else
+    returned in a workspace buffer, to be copied out. Returns ``(that value or None, U's pseudo-inverse, V's)``, or
+    ``None`` when a computed Gram matrix is singular or ill-conditioned or a factor changed in some layers only:
+    nothing has been written then, and the separate calls handle it.
     """
     u, v = sides["u"], sides["v"]
-    layers, rank = u["x"].shape[0], u["x"].shape[-1]
-    length = (v if move_b else u)["x"].shape[1]  # the other factor's rows
+    (layers, rows_u, rank), rows_v = u["x"].shape, v["x"].shape[1]
     scale_first, kappa, eps_scaled = _block5_constants(bias_correction1, bias_correction2, eps, floor)
-    moments_size = native.update_moments_scratch_size(layers, rank)
-    adam_size = native.projected_adam_scratch_size(layers, length, rank)
+    size = native.alternating_step_scratch_size(layers, rows_u, rows_v, rank)
     return native.alternating_step(
         u,
         v,
@@ -501,9 +502,9 @@ def alternating_step(
         projector_scale=-lr * kappa,
         eps=eps_scaled,
         floored=floor > 0.0,
-        moments_scratch=workspace.get("native_moments", (moments_size,), u["x"]),
-        adam_scratch=workspace.get("native", (adam_size,), u["x"]),
-        buffer=lambda name, shape: workspace.get("step_" + name, shape, u["x"]),
+        scratch=workspace.get("native", (size,), u["x"]),
+        destination=destination,
+        destination_strides=destination_strides,
     )
 
 

@@ -24,7 +24,6 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -130,6 +129,7 @@ def library() -> ctypes.CDLL | None:
     # Scratch sizes depend on the build (its vector width): forget those of a library loaded before this one.
     projected_adam_scratch_size.cache_clear()
     update_moments_scratch_size.cache_clear()
+    alternating_step_scratch_size.cache_clear()
     return handle
 
 
@@ -143,7 +143,7 @@ def _declare(handle: ctypes.CDLL) -> None:
         + [ptr, ptr]
         + [ptr, i64, i64, i64]
         + [ptr, f32, f32, f32, f32, i32]
-        + [ptr, ptr]
+        + [ptr, ptr, i64, i64]
     )
     handle.loft_projected_adam.restype = i32
     handle.loft_update_moments_scratch.argtypes = [i64, i64]
@@ -185,8 +185,15 @@ class _Options(ctypes.Structure):
         ("decay", ctypes.c_float), ("first_scale", ctypes.c_float), ("projector_scale", ctypes.c_float),
         ("eps", ctypes.c_float), ("floored", ctypes.c_int32),
         ("moments_scratch", ctypes.c_void_p), ("adam_scratch", ctypes.c_void_p),
-        ("accepted", ctypes.c_void_p), ("out", ctypes.c_void_p),
+        ("accepted", ctypes.c_void_p), ("out", ctypes.c_void_p), ("out_row", ctypes.c_int64),
+        ("out_col", ctypes.c_int64),
     ]  # fmt: skip
+
+
+def _layer_pointers(tensors) -> ctypes.Array:
+    """A C array of the data pointers of ``tensors`` (a sequence of tensors, or the layers of an (L, ...) one)."""
+    pointers = [t.data_ptr() for t in tensors]
+    return (ctypes.c_void_p * len(pointers))(*pointers)
 
 
 def _strides(x: Tensor) -> tuple[int, int, int]:
@@ -231,7 +238,7 @@ def projected_adam_update(
         exp_avg.data_ptr(), cross.data_ptr(),
         y.data_ptr(), *_strides(y),
         pinv.data_ptr(), decay, first_scale, projector_scale, eps, int(floored),
-        scratch.data_ptr(), out.data_ptr(),
+        scratch.data_ptr(), _layer_pointers(out), rank, 1,
     )  # fmt: skip
     if failed:
         raise MemoryError("LoFT native kernel: out of memory for its per-thread buffers")
@@ -305,6 +312,16 @@ def gram_inverse(
     return out, gram, (None if count == layers else (accepted == 0).nonzero().squeeze(1)), calibration
 
 
+@functools.lru_cache(maxsize=256)
+def alternating_step_scratch_size(layers: int, rows_u: int, rows_v: int, rank: int) -> int:
+    """Floats of :func:`alternating_step`'s scratch: the two kernels' own, and the step's matrices and new factor."""
+    return (
+        update_moments_scratch_size(layers, rank)
+        + max(projected_adam_scratch_size(layers, rows_v, rank), projected_adam_scratch_size(layers, rows_u, rank))
+        + layers * (4 * rank * rank + max(rows_u, rows_v) * rank + 1)
+    )
+
+
 def alternating_step(
     u: dict,
     v: dict,
@@ -318,10 +335,10 @@ def alternating_step(
     projector_scale: float,
     eps: float,
     floored: bool,
-    moments_scratch: Tensor,
-    adam_scratch: Tensor,
-    buffer: Callable[[str, tuple[int, ...]], Tensor],
-) -> tuple[Tensor, Tensor, Tensor] | None:
+    scratch: Tensor,
+    destination: list[Tensor] | None = None,
+    destination_strides: tuple[int, int] = (0, 0),
+) -> tuple[Tensor | None, Tensor, Tensor] | None:
     """One alternating LoFT-AdamW step of L pairs in one call: the comparison of each factor with its previous value,
     then what :func:`gram_inverse` (or :func:`calibration_matrices`), :func:`update_moments_` for both sides and
     :func:`projected_adam_update` for the moving factor compute, in that order, with the same bits.
@@ -329,54 +346,65 @@ def alternating_step(
     Each side is a dict with ``x`` (L, k, r) and ``grad`` (strided views allowed), the contiguous state ``exp_avg``,
     ``cross`` and ``prev``, the Gram pseudo-inverses known already, ``pinv_prev`` (of ``prev``) and ``pinv_now`` (of
     ``x``), each (L, r, r) or ``None``, and ``calibrate`` (eq. 7, when ``x`` changed). ``limit`` is
-    :func:`gram_inverse`'s acceptance bound; the others are :func:`projected_adam_update`'s constants.
-    ``buffer(name, shape)`` gives fp32 scratch tensors kept between calls; the new factor is one of them, to be copied
-    out before the next call.
+    :func:`gram_inverse`'s acceptance bound; the others are :func:`projected_adam_update`'s constants. ``scratch``: a
+    1-d fp32 tensor of at least :func:`alternating_step_scratch_size` elements. The moving factor's new value goes
+    to ``destination``, L fp32 tensors whose (row, column) element of the factor is at ``destination_strides`` (the
+    parameters themselves; each element of the old factor is read before it is written), or else into ``scratch``.
 
-    Returns the moving factor's new value (L, k, r) and the pseudo-inverses of ``u["x"]`` and ``v["x"]`` (new
-    tensors), or ``None`` when a computed inverse was not accepted or a factor changed in some layers only: then
-    nothing has been written and the caller takes the separate calls.
+    Returns that new value (L, k, r) when it is in ``scratch`` (``None`` with a ``destination``; copy it out before
+    ``scratch`` is used again) and the pseudo-inverses of ``u["x"]`` and ``v["x"]`` (new tensors), or ``None`` when a
+    computed inverse was not accepted or a factor changed in some layers only: then nothing has been written and the
+    caller takes the separate calls.
     """
-    layers, _, rank = u["x"].shape
-    square = (layers, rank, rank)
-    keep: list[Tensor] = []  # contiguous copies the call reads, alive until it returns
-
-    def pointer(t: Tensor | None) -> int | None:
-        if t is None:
-            return None
-        if not t.is_contiguous():
-            t = t.contiguous()
-            keep.append(t)
-        return t.data_ptr()
-
-    def side(s: dict, name: str) -> tuple[_Factor, Tensor]:
+    layers, rows_u, rank = u["x"].shape
+    rows_v = v["x"].shape[1]
+    square, moving = layers * rank * rank, u if move_b else v
+    # Scratch layout: the moments kernel's, block 5's, then C and the Gram matrices of each side, the new factor and
+    # the acceptance flags (int32, the size of a float).
+    base = scratch.data_ptr()
+    moments_at = 0
+    adam_at = update_moments_scratch_size(layers, rank)
+    step_at = adam_at + max(
+        projected_adam_scratch_size(layers, rows_v, rank), projected_adam_scratch_size(layers, rows_u, rank)
+    )
+    out_at = step_at + 4 * square
+    accepted_at = out_at + moving["x"].numel()
+    keep = []  # contiguous copies the call reads, alive until it returns
+    factors, pinvs = [], []
+    for index, s in enumerate((u, v)):
         x, grad = s["x"], s["grad"]
         _contiguous_checked(s["exp_avg"], s["cross"], s["prev"])
-        pinv = torch.empty(square, dtype=torch.float32)  # the caller keeps it
-        factor = _Factor(
-            x.data_ptr(), *_strides(x), grad.data_ptr(), *_strides(grad),
-            s["exp_avg"].data_ptr(), s["cross"].data_ptr(), s["prev"].data_ptr(),
-            pointer(s["pinv_prev"]), pointer(s["pinv_now"]), pinv.data_ptr(),
-            buffer(name + "_calibration", square).data_ptr(), buffer(name + "_gram", square).data_ptr(),
-            x.shape[1], int(s["calibrate"]), 0,
-        )  # fmt: skip
-        return factor, pinv
-
-    factor_u, pinv_u = side(u, "u")
-    factor_v, pinv_v = side(v, "v")
-    out = buffer("new_factor", tuple((u if move_b else v)["x"].shape))
-    accepted = buffer("accepted", (layers,)).view(torch.int32)  # int32 has float32's size
+        known = []
+        for t in (s["pinv_prev"], s["pinv_now"]):
+            if t is not None and not t.is_contiguous():
+                t = t.contiguous()
+                keep.append(t)
+            known.append(None if t is None else t.data_ptr())
+        pinv = torch.empty(layers, rank, rank, dtype=torch.float32)  # the caller keeps it
+        pinvs.append(pinv)
+        matrices_at = base + 4 * (step_at + 2 * index * square)
+        factors.append(_Factor(
+            x.data_ptr(), *x.stride(), grad.data_ptr(), *grad.stride(),
+            s["exp_avg"].data_ptr(), s["cross"].data_ptr(), s["prev"].data_ptr(), *known, pinv.data_ptr(),
+            matrices_at, matrices_at + 4 * square, x.shape[1], int(s["calibrate"]), 0,
+        ))  # fmt: skip
+    out = None
+    if destination is None:
+        out = scratch[out_at : out_at + moving["x"].numel()].view(moving["x"].shape)
+        destination, destination_strides = out, (rank, 1)
+    pointers = _layer_pointers(destination)
     options = _Options(
         torch.get_num_threads(), layers, rank, beta1, beta2, limit, int(move_b),
         decay, first_scale, projector_scale, eps, int(floored),
-        moments_scratch.data_ptr(), adam_scratch.data_ptr(), accepted.data_ptr(), out.data_ptr(),
+        base + 4 * moments_at, base + 4 * adam_at, base + 4 * accepted_at,
+        ctypes.cast(pointers, ctypes.c_void_p), *destination_strides,
     )  # fmt: skip
-    result = library().loft_alternating_step(ctypes.byref(factor_u), ctypes.byref(factor_v), ctypes.byref(options))
+    result = library().loft_alternating_step(ctypes.byref(factors[0]), ctypes.byref(factors[1]), ctypes.byref(options))
     if result in (2, 3):
         return None
     if result != 0:
         raise MemoryError("LoFT native kernel: out of memory for its per-thread buffers")
-    return out, pinv_u, pinv_v
+    return out, pinvs[0], pinvs[1]
 
 
 def calibration_matrices(prev: Tensor, y: Tensor, y_gram_pinv: Tensor) -> Tensor:

@@ -299,7 +299,8 @@ int64_t loft_projected_adam_scratch(int64_t layers, int64_t length, int64_t rank
     return layers * (2 * rank + rank * (rank + 1) / 2) * column_stride(length);
 }
 
-/* rank <= 256. scratch: loft_projected_adam_scratch(...) floats. out: (L, rows, rank), C order.
+/* rank <= 256. scratch: loft_projected_adam_scratch(...) floats. out: L pointers, layer l's new factor (rows, rank)
+ * at out[l] with strides out_row, out_col (it may be x itself: each element of x is read before it is written).
  * Returns 0, or 1 when a thread's buffer could not be allocated (out is then incomplete). */
 int loft_projected_adam(
     int threads, int64_t layers, int64_t rows, int64_t length, int64_t rank,
@@ -307,7 +308,7 @@ int loft_projected_adam(
     const float *exp_avg, const float *cross,
     const float *y, int64_t y_layer, int64_t y_row, int64_t y_col,
     const float *pinv, float decay, float first_scale, float projector_scale, float eps, int floored,
-    float *scratch, float *out)
+    float *scratch, float *const *out, int64_t out_row, int64_t out_col)
 {
     const int64_t packed = rank * (rank + 1) / 2, padded = round_up(length, VEC), ld = column_stride(length);
     const int64_t per_layer = (2 * rank + packed) * ld;
@@ -348,16 +349,17 @@ int loft_projected_adam(
                               projector, partial + (i - start) * rank, eps, floored);
             }
             const float *x_layer_ptr = x + layer * x_layer;
-            float *o = out + layer * rows * rank;
+            float *o = out[layer];
             for (int64_t i = start; i < stop; i++) {
                 const vf *sums = partial + (i - start) * rank;
                 int64_t b = 0;
                 for (; b + VEC <= rank; b += VEC) {
                     const vf sum = hsum_vectors(sums + b);
                     for (int64_t e = 0; e < VEC; e++)
-                        o[i * rank + b + e] = decay * x_layer_ptr[i * x_row + (b + e) * x_col] + sum[e];
+                        o[i * out_row + (b + e) * out_col] = decay * x_layer_ptr[i * x_row + (b + e) * x_col] + sum[e];
                 }
-                for (; b < rank; b++) o[i * rank + b] = decay * x_layer_ptr[i * x_row + b * x_col] + hsum(sums[b]);
+                for (; b < rank; b++)
+                    o[i * out_row + b * out_col] = decay * x_layer_ptr[i * x_row + b * x_col] + hsum(sums[b]);
             }
         }
         free(partial);
@@ -837,7 +839,8 @@ struct loft_step_options {
     int32_t floored;
     float *moments_scratch, *adam_scratch;  /* loft_update_moments_scratch, loft_projected_adam_scratch floats */
     int32_t *accepted;             /* L ints */
-    float *out;                    /* (L, rows of the moving factor, r): its new value */
+    float *const *out;             /* the moving factor's new value: layer l at out[l], strides out_row, out_col */
+    int64_t out_row, out_col;
 };
 
 /* Whether layer `layer` of x equals prev (as torch.equal: every element ==). */
@@ -904,5 +907,5 @@ int loft_alternating_step(struct loft_factor *u, struct loft_factor *v, const st
     return loft_projected_adam(o->threads, layers, moving->rows, other->rows, rank, moving->x, moving->x_layer,
                                moving->x_row, moving->x_col, moving->exp_avg, moving->cross, other->x, other->x_layer,
                                other->x_row, other->x_col, other->pinv, o->decay, o->first_scale, o->projector_scale,
-                               o->eps, o->floored, o->adam_scratch, o->out);
+                               o->eps, o->floored, o->adam_scratch, o->out, o->out_row, o->out_col);
 }
