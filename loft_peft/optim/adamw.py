@@ -242,9 +242,10 @@ class LoftAdamW(LoftOptimizerBase):
     ) -> None:
         """One step of L pairs in the same phase and step, with state ``t`` stacked along dim 0 (updated in place).
 
-        The same blocks as :meth:`_step_pair`, each as one batched call; see there for the maths. ``whole`` says
-        that ``t`` is the bucket's own stacked state (not a gathered part of it), whose cached Gram pseudo-inverses
-        can then be used and renewed.
+        The same blocks as :meth:`_step_pair`, each as one batched call; see there for the maths. With the native
+        kernels, the full variant's alternating step is a single call (:meth:`_step_in_one_native_call`). ``whole``
+        says that ``t`` is the bucket's own stacked state (not a gathered part of it), whose cached Gram
+        pseudo-inverses can then be used and renewed.
         """
         beta1, beta2 = group["betas"]
         lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
@@ -272,46 +273,8 @@ class LoftAdamW(LoftOptimizerBase):
         )
         workspace = self._caches().setdefault("workspace", kernels.Workspace())
         if full and group["alternate"] and native.usable(u):
-            # The whole step in one call of the native kernels: the computation below, with the same bits.
-            sides = {
-                side: dict(
-                    x=x,
-                    grad=grad,
-                    exp_avg=t[side + ":exp_avg"],
-                    cross=t[side + ":cross_sq"],
-                    prev=t[side + ":prev"],
-                    pinv_prev=None if cache is None else cache[side],
-                    pinv_now=self.cached_gram_pinv(params, x),
-                    calibrate=group["calibrate"],
-                )
-                for side, params, x, grad in (("u", b_params, u, grad_u), ("v", a_params, v, grad_v))
-            }
-            # fp32 parameters of one layout take the new factor directly (V's (i, b) is A's (b, i)).
-            moving = b_params if move_b else a_params
-            strides = moving[0].stride() if move_b else moving[0].stride()[::-1]
-            direct = all(p.dtype == torch.float32 and p.stride() == moving[0].stride() for p in moving)
-            result = kernels.alternating_step(
-                sides,
-                move_b=move_b,
-                beta1=beta1,
-                beta2=beta2,
-                floor=maths.second_moment_floor(beta1, beta2),
-                workspace=workspace,
-                destination=moving if direct else None,
-                destination_strides=strides,
-                **options,
-            )
-            if result is not None:
-                new, pinv_u, pinv_v = result
-                if new is None:
-                    increment_version(moving)  # as an in-place copy would: autograd sees the change
-                elif move_b:
-                    torch._foreach_copy_(b_params, list(new.unbind(0)))
-                else:
-                    torch._foreach_copy_(a_params, [x.T for x in new.unbind(0)])
-                t["u:moving"].fill_(MOVE_A if move_b else MOVE_B)
-                if whole:
-                    stacked.gram_pinv = {"u": pinv_u, "v": pinv_v}
+            sides = {"u": (b_params, u, grad_u), "v": (a_params, v, grad_v)}
+            if self._step_in_one_native_call(group, stacked, t, sides, move_b, whole, workspace, options):
                 return
         # Which factors changed since the last step (the one that moved); an unchanged factor needs no calibration
         # and keeps its Gram pseudo-inverse from the last step.
@@ -374,6 +337,62 @@ class LoftAdamW(LoftOptimizerBase):
             t["u:moving"].fill_(MOVE_A if move_b else MOVE_B)
         if whole:
             stacked.gram_pinv = {"u": pinv_u, "v": pinv_v}  # the pseudo-inverses of the factors now in "prev"
+
+    def _step_in_one_native_call(
+        self,
+        group: dict[str, Any],
+        stacked: _StackedState,
+        t: dict[str, Tensor],
+        sides: dict[str, tuple[list[Tensor], Tensor, Tensor]],
+        move_b: bool,
+        whole: bool,
+        workspace: kernels.Workspace,
+        options: dict[str, float],
+    ) -> bool:
+        """The rest of :meth:`_step_stacked` (full variant, alternating, native kernels) as one call of
+        :func:`kernels.alternating_step`, with the same bits. ``sides`` maps ``"u"``/``"v"`` to (parameters, stacked
+        factors, stacked gradients). Returns ``False``, having written nothing, where that call declines the step."""
+        beta1, beta2 = group["betas"]
+        cache = stacked.gram_pinv if whole else None
+        inputs = {
+            side: dict(
+                x=x,
+                grad=grad,
+                exp_avg=t[side + ":exp_avg"],
+                cross=t[side + ":cross_sq"],
+                prev=t[side + ":prev"],
+                pinv_prev=None if cache is None else cache[side],
+                pinv_now=self.cached_gram_pinv(params, x),
+                calibrate=group["calibrate"],
+            )
+            for side, (params, x, grad) in sides.items()
+        }
+        # fp32 parameters of one layout take the new factor directly (V's (i, b) is A's (b, i)).
+        moving = sides["u" if move_b else "v"][0]
+        strides = moving[0].stride() if move_b else moving[0].stride()[::-1]
+        direct = all(p.dtype == torch.float32 and p.stride() == moving[0].stride() for p in moving)
+        result = kernels.alternating_step(
+            inputs,
+            move_b=move_b,
+            beta1=beta1,
+            beta2=beta2,
+            floor=maths.second_moment_floor(beta1, beta2),
+            workspace=workspace,
+            destination=moving if direct else None,
+            destination_strides=strides,
+            **options,
+        )
+        if result is None:
+            return False
+        new, pinv_u, pinv_v = result
+        if new is None:
+            increment_version(moving)  # as an in-place copy would: autograd sees the change
+        else:
+            torch._foreach_copy_(moving, [x if move_b else x.T for x in new.unbind(0)])
+        t["u:moving"].fill_(MOVE_A if move_b else MOVE_B)
+        if whole:
+            stacked.gram_pinv = {"u": pinv_u, "v": pinv_v}  # the pseudo-inverses of the factors now in "prev"
+        return True
 
     def _gram_pinv_and_calibration(
         self,

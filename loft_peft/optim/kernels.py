@@ -8,8 +8,9 @@ steps and shapes). Where the speed comes from:
 * On x86-64 CPUs with AVX2 or AVX-512, in fp32, the fused C kernels of :mod:`loft_peft.optim.native` (built on first
   use where a C compiler is found): block 5 (:func:`projected_adam_update`) as register tiles of the (k, l) moments
   that never leave the cache, blocks 2-4 (:func:`update_moments_`) row block by row block, and the Gram matrices with
-  their Cholesky inverses and calibration matrices (:func:`gram_pinv_and_calibration`). The rest of this module is
-  their PyTorch fallback, and the path for other CPUs, GPUs and float64.
+  their Cholesky inverses and calibration matrices (:func:`gram_pinv_and_calibration`); an alternating step of the
+  full variant is all of these in one call (:func:`alternating_step`), which also writes the new factor into fp32
+  parameters. The rest of this module is their PyTorch fallback, and the path for other CPUs, GPUs and float64.
 * Gram pseudo-inverses by a batched Cholesky factorisation (:func:`spd_pinv`); the eigendecomposition of
   :func:`maths.gram_pinv` is kept for the matrices where the two could differ (singular or ill-conditioned ones).
 * The projected Adam update (:func:`projected_adam_update`, block 5) never forms a (k, l) matrix larger than a row

@@ -3,7 +3,8 @@
 The LoFT-AdamW step's large work on a CPU is block 5's rebuild of the (k, l) moments and the carrying of the cross
 terms (eq. 11). As PyTorch operations these are a dozen passes over memory and a hundred small calls per step; the C
 kernels do a row block's whole computation while it is in cache (see the file's header). They compute what the
-functions of :mod:`loft_peft.optim.kernels` compute, in fp32, up to rounding.
+functions of :mod:`loft_peft.optim.kernels` compute, in fp32, up to rounding. :func:`alternating_step` runs a whole
+alternating step in one call, so that a small layer's step is not mostly Python and ctypes around four calls.
 
 The library is compiled once per machine and source (``cc -O3 -march=native -fopenmp``, under a second) into
 ``$LOFT_PEFT_CACHE`` (default ``~/.cache/loft_peft``), written atomically so that concurrent processes can share it.

@@ -5,6 +5,7 @@
  * The speed comes from doing a row block's whole computation while it is in the L1/L2 cache: the (k, l) matrices of
  * block 5 exist only as register tiles (4 x 64 with AVX-512), and the cross-term carry (eq. 11) runs row block by row
  * block beside the first-moment update, instead of a dozen passes of separate PyTorch operations over memory.
+ * loft_alternating_step (at the end) chains the others into one alternating step, one call from Python.
  *
  * Shapes (per layer, C order): x, exp_avg (k, r); cross (k, R), R = r (r + 1) / 2 in torch.triu_indices order;
  * y (l, r); Gram pseudo-inverses and calibration matrices (r, r). Tensors that may be transposed views (the factors
@@ -256,9 +257,10 @@ static inline __attribute__((always_inline)) void adam_rows(
         adam_tile(BR, 1, j, rank, packed, ld, m, p, first_cols, second_cols, projector, partial, eps, floored);
 }
 
-/* Columns [j0, j1) of the three matrices of one layer, from y (strided) and (y^T y)^+: first_cols (r, ld),
- * second_cols (R, ld), projector (r, ld). Columns [l, j1) are zero, so they add nothing (there
- * first = second = 0 and D = 0). Row by row, so that every write is a contiguous run. */
+/* Columns [j0, j1) (whole vectors) of the three matrices of one layer, from y (strided) and (y^T y)^+: first_cols
+ * (r, ld), second_cols (R, ld), projector (r, ld). Columns [l, j1) are zero, so they add nothing (there
+ * first = second = 0 and D = 0). y^T is copied in row by row (contiguous writes), then the rest is formed a vector of
+ * columns at a time while that vector of y^T is in L1. */
 static void build_columns(
     int64_t j0, int64_t j1, int64_t length, int64_t rank, int64_t ld, const float *y, int64_t y_row,
     int64_t y_col, const float *pinv, float first_scale, float projector_scale, float *first_cols,
@@ -268,26 +270,21 @@ static void build_columns(
         float *row = first_cols + a * ld;
         for (int64_t j = j0; j < j1; j++) row[j] = j < length ? y[j * y_row + a * y_col] : 0.0f;  /* y^T for now */
     }
-    int64_t q = 0;
-    for (int64_t s = 0; s < rank; s++)
-        for (int64_t t = s; t < rank; t++, q++) {
-            const float *ys = first_cols + s * ld, *yt = first_cols + t * ld;
-            const float weight = s == t ? 1.0f : 2.0f;
-            float *row = second_cols + q * ld;
-            for (int64_t j = j0; j < j1; j++) row[j] = yt[j] * weight * ys[j];
+    for (int64_t j = j0; j < j1; j += VEC) {
+        int64_t q = 0;
+        for (int64_t s = 0; s < rank; s++) {  /* (s, t) rows: y_s y_t, twice off the diagonal (exact doubling) */
+            const vf ys = load(first_cols + s * ld + j), twice = ys + ys;
+            store(second_cols + q++ * ld + j, ys * ys);
+            for (int64_t t = s + 1; t < rank; t++, q++)
+                store(second_cols + q * ld + j, load(first_cols + t * ld + j) * twice);
         }
-    for (int64_t b = 0; b < rank; b++) {
-        float *row = projector + b * ld;
-        for (int64_t j = j0; j < j1; j++) row[j] = 0.0f;
-        for (int64_t a = 0; a < rank; a++) {
-            const float w = pinv[b * rank + a], *ya = first_cols + a * ld;
-            for (int64_t j = j0; j < j1; j++) row[j] += w * ya[j];
+        for (int64_t b = 0; b < rank; b++) {
+            vf sum = splat(0.0f);
+            for (int64_t a = 0; a < rank; a++) sum += splat(pinv[b * rank + a]) * load(first_cols + a * ld + j);
+            store(projector + b * ld + j, sum * splat(projector_scale));
         }
-        for (int64_t j = j0; j < j1; j++) row[j] *= projector_scale;
-    }
-    for (int64_t a = 0; a < rank; a++) {
-        float *row = first_cols + a * ld;
-        for (int64_t j = j0; j < j1; j++) row[j] *= first_scale;
+        for (int64_t a = 0; a < rank; a++)
+            store(first_cols + a * ld + j, load(first_cols + a * ld + j) * splat(first_scale));
     }
 }
 
