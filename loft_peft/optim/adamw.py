@@ -272,7 +272,7 @@ class LoftAdamW(LoftOptimizerBase):
             eps=eps,
         )
         workspace = self._caches().setdefault("workspace", kernels.Workspace())
-        if full and group["alternate"] and native.usable(u):
+        if group["alternate"] and native.usable(u):
             sides = {"u": (b_params, u, grad_u), "v": (a_params, v, grad_v)}
             if self._step_in_one_native_call(group, stacked, t, sides, move_b, whole, workspace, options):
                 return
@@ -349,17 +349,18 @@ class LoftAdamW(LoftOptimizerBase):
         workspace: kernels.Workspace,
         options: dict[str, float],
     ) -> bool:
-        """The rest of :meth:`_step_stacked` (full variant, alternating, native kernels) as one call of
+        """The rest of :meth:`_step_stacked` (alternating, native kernels) as one call of
         :func:`kernels.alternating_step`, with the same bits. ``sides`` maps ``"u"``/``"v"`` to (parameters, stacked
         factors, stacked gradients). Returns ``False``, having written nothing, where that call declines the step."""
         beta1, beta2 = group["betas"]
+        full = group["variant"] == "full"
         cache = stacked.gram_pinv if whole else None
         inputs = {
             side: dict(
                 x=x,
                 grad=grad,
                 exp_avg=t[side + ":exp_avg"],
-                cross=t[side + ":cross_sq"],
+                second=t[side + (":cross_sq" if full else ":exp_avg_sq")],
                 prev=t[side + ":prev"],
                 pinv_prev=None if cache is None else cache[side],
                 pinv_now=self.cached_gram_pinv(params, x),
@@ -373,6 +374,7 @@ class LoftAdamW(LoftOptimizerBase):
         direct = all(p.dtype == torch.float32 and p.stride() == moving[0].stride() for p in moving)
         result = kernels.alternating_step(
             inputs,
+            full=full,
             move_b=move_b,
             beta1=beta1,
             beta2=beta2,

@@ -460,6 +460,7 @@ def _block5_constants(
 def alternating_step(
     sides: dict[str, dict],
     *,
+    full: bool,
     move_b: bool,
     beta1: float,
     beta2: float,
@@ -473,14 +474,16 @@ def alternating_step(
     destination: list[Tensor] | None = None,
     destination_strides: tuple[int, int] = (0, 0),
 ) -> tuple[Tensor | None, Tensor, Tensor] | None:
-    """One alternating LoFT-AdamW step of L pairs by the native kernels in one call (:func:`native.alternating_step`):
-    whether each factor changed since the last step, the Gram pseudo-inverses not known already
+    """One alternating step of L pairs by the native kernels in one call (:func:`native.alternating_step`): whether
+    each factor changed since the last step, the Gram pseudo-inverses not known already
     (:func:`gram_pinv_and_calibration`, or :func:`calibration_matrices` for a known one), :func:`update_moments_` for
-    both sides (full variant) and :func:`projected_adam_update` for the factor that moves.
+    both sides and, with ``full`` (LoFT-AdamW), :func:`projected_adam_update` for the factor that moves; without it
+    (LoFT-simple), the moving factor's :func:`simple_adam_update` from its moments' pass.
 
     ``sides`` maps ``"u"`` (U = B) and ``"v"`` (V = A^T) to dicts with ``x``, ``grad``, the state ``exp_avg``,
-    ``cross``, ``prev``, the known pseudo-inverses ``pinv_prev`` (of ``prev``) and ``pinv_now`` (of ``x``) or
-    ``None``, and ``calibrate`` (see :func:`native.alternating_step`). Only for factors :func:`native.usable` takes.
+    ``second`` (cross terms, or ``exp_avg_sq``), ``prev``, the known pseudo-inverses ``pinv_prev`` (of ``prev``) and
+    ``pinv_now`` (of ``x``) or ``None``, and ``calibrate`` (see :func:`native.alternating_step`). Only for factors
+    :func:`native.usable` takes.
 
     The moving factor's new value is written to ``destination`` (see :func:`native.alternating_step`), or else
     returned in a workspace buffer, to be copied out. Returns ``(that value or None, U's pseudo-inverse, V's)``, or
@@ -489,20 +492,24 @@ def alternating_step(
     """
     u, v = sides["u"], sides["v"]
     (layers, rows_u, rank), rows_v = u["x"].shape, v["x"].shape[1]
-    scale_first, kappa, eps_scaled = _block5_constants(bias_correction1, bias_correction2, eps, floor)
-    size = native.alternating_step_scratch_size(layers, rows_u, rows_v, rank)
+    if full:
+        scale_first, kappa, eps_scaled = _block5_constants(bias_correction1, bias_correction2, eps, floor)
+        constants: tuple[float, ...] = (scale_first, -lr * kappa, eps_scaled)
+    else:  # as update_moments_ folds simple_adam_update's
+        root = math.sqrt(bias_correction2)
+        constants = (-lr * root / bias_correction1, eps * root)
+    size = native.alternating_step_scratch_size(layers, rows_u, rows_v, rank, full)
     return native.alternating_step(
         u,
         v,
+        full=full,
         move_b=move_b,
         beta1=beta1,
         beta2=beta2,
         limit=_inverse_limit(u["x"]),
         decay=decay,
-        first_scale=scale_first,
-        projector_scale=-lr * kappa,
-        eps=eps_scaled,
-        floored=floor > 0.0,
+        constants=constants,
+        floored=full and floor > 0.0,
         scratch=workspace.get("native", (size,), u["x"]),
         destination=destination,
         destination_strides=destination_strides,

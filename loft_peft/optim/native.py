@@ -151,7 +151,7 @@ def _declare(handle: ctypes.CDLL) -> None:
     handle.loft_update_moments_scratch.restype = i64
     handle.loft_update_moments.argtypes = (
         [i32, i64, i64, i64] + [ptr, i64, i64, i64] + [ptr, ptr, f32, f32, i32] + [ptr, ptr, ptr]
-        + [ptr, i64, i64, i64, f32, f32, f32, ptr]
+        + [ptr, i64, i64, i64, f32, f32, f32, ptr, i64, i64]
     )
     handle.loft_update_moments.restype = i32
     handle.loft_gram_inverse.argtypes = (
@@ -169,7 +169,7 @@ class _Factor(ctypes.Structure):
         ("x", ctypes.c_void_p), ("x_layer", ctypes.c_int64), ("x_row", ctypes.c_int64), ("x_col", ctypes.c_int64),
         ("grad", ctypes.c_void_p), ("grad_layer", ctypes.c_int64), ("grad_row", ctypes.c_int64),
         ("grad_col", ctypes.c_int64),
-        ("exp_avg", ctypes.c_void_p), ("cross", ctypes.c_void_p), ("prev", ctypes.c_void_p),
+        ("exp_avg", ctypes.c_void_p), ("second", ctypes.c_void_p), ("prev", ctypes.c_void_p),
         ("pinv_prev", ctypes.c_void_p), ("pinv_now", ctypes.c_void_p), ("pinv", ctypes.c_void_p),
         ("calibration", ctypes.c_void_p), ("gram", ctypes.c_void_p),
         ("rows", ctypes.c_int64), ("calibrate", ctypes.c_int32), ("changed", ctypes.c_int32),
@@ -180,11 +180,11 @@ class _Options(ctypes.Structure):
     """``struct loft_step_options`` of ``csrc/loft_cpu.c``."""
 
     _fields_ = [
-        ("threads", ctypes.c_int32), ("layers", ctypes.c_int64), ("rank", ctypes.c_int64),
+        ("threads", ctypes.c_int32), ("layers", ctypes.c_int64), ("rank", ctypes.c_int64), ("full", ctypes.c_int32),
         ("beta1", ctypes.c_float), ("beta2", ctypes.c_float), ("limit", ctypes.c_double),
-        ("move_b", ctypes.c_int32),
-        ("decay", ctypes.c_float), ("first_scale", ctypes.c_float), ("projector_scale", ctypes.c_float),
-        ("eps", ctypes.c_float), ("floored", ctypes.c_int32),
+        ("move_b", ctypes.c_int32), ("decay", ctypes.c_float),
+        ("first_scale", ctypes.c_float), ("projector_scale", ctypes.c_float), ("eps", ctypes.c_float),
+        ("step_scale", ctypes.c_float), ("step_eps", ctypes.c_float), ("floored", ctypes.c_int32),
         ("moments_scratch", ctypes.c_void_p), ("adam_scratch", ctypes.c_void_p),
         ("accepted", ctypes.c_void_p), ("out", ctypes.c_void_p), ("out_row", ctypes.c_int64),
         ("out_col", ctypes.c_int64),
@@ -284,7 +284,7 @@ def update_moments_(
         grad.data_ptr(), *_strides(grad),
         pinv.data_ptr(), None if calib is None else calib.data_ptr(), beta1, beta2, int(full),
         exp_avg.data_ptr(), second.data_ptr(), scratch.data_ptr(),
-        *step_args, None if out is None else out.data_ptr(),
+        *step_args, None if out is None else _layer_pointers(out), rank, 1,
     )  # fmt: skip
     if failed:
         raise MemoryError("LoFT native kernel: out of memory for its per-thread buffers")
@@ -314,43 +314,47 @@ def gram_inverse(
 
 
 @functools.lru_cache(maxsize=256)
-def alternating_step_scratch_size(layers: int, rows_u: int, rows_v: int, rank: int) -> int:
-    """Floats of :func:`alternating_step`'s scratch: the two kernels' own, and the step's matrices and new factor."""
-    return (
-        update_moments_scratch_size(layers, rank)
-        + max(projected_adam_scratch_size(layers, rows_v, rank), projected_adam_scratch_size(layers, rows_u, rank))
-        + layers * (4 * rank * rank + max(rows_u, rows_v) * rank + 1)
-    )
+def alternating_step_scratch_size(layers: int, rows_u: int, rows_v: int, rank: int, full: bool) -> int:
+    """Floats of :func:`alternating_step`'s scratch: the kernels' own, and the step's matrices and new factor."""
+    adam = max(projected_adam_scratch_size(layers, rows_v, rank), projected_adam_scratch_size(layers, rows_u, rank))
+    buffers = _step_buffers(layers, rows_u, rows_v, rank)
+    return update_moments_scratch_size(layers, rank) + (adam if full else 0) + buffers
+
+
+def _step_buffers(layers: int, rows_u: int, rows_v: int, rank: int) -> int:
+    return layers * (4 * rank * rank + max(rows_u, rows_v) * rank + 1)
 
 
 def alternating_step(
     u: dict,
     v: dict,
     *,
+    full: bool,
     move_b: bool,
     beta1: float,
     beta2: float,
     limit: float,
     decay: float,
-    first_scale: float,
-    projector_scale: float,
-    eps: float,
+    constants: tuple[float, float, float] | tuple[float, float],
     floored: bool,
     scratch: Tensor,
     destination: list[Tensor] | None = None,
     destination_strides: tuple[int, int] = (0, 0),
 ) -> tuple[Tensor | None, Tensor, Tensor] | None:
     """One alternating LoFT-AdamW step of L pairs in one call: the comparison of each factor with its previous value,
-    then what :func:`gram_inverse` (or :func:`calibration_matrices`), :func:`update_moments_` for both sides and
-    :func:`projected_adam_update` for the moving factor compute, in that order, with the same bits.
+    then what :func:`gram_inverse` (or :func:`calibration_matrices`), :func:`update_moments_` for both sides and, with
+    ``full``, :func:`projected_adam_update` for the moving factor compute, in that order, with the same bits (without
+    ``full``, LoFT-simple: the moving factor's step comes out of its moments' pass, as :func:`update_moments_` does).
 
     Each side is a dict with ``x`` (L, k, r) and ``grad`` (strided views allowed), the contiguous state ``exp_avg``,
-    ``cross`` and ``prev``, the Gram pseudo-inverses known already, ``pinv_prev`` (of ``prev``) and ``pinv_now`` (of
-    ``x``), each (L, r, r) or ``None``, and ``calibrate`` (eq. 7, when ``x`` changed). ``limit`` is
-    :func:`gram_inverse`'s acceptance bound; the others are :func:`projected_adam_update`'s constants. ``scratch``: a
-    1-d fp32 tensor of at least :func:`alternating_step_scratch_size` elements. The moving factor's new value goes
-    to ``destination``, L fp32 tensors whose (row, column) element of the factor is at ``destination_strides`` (the
-    parameters themselves; each element of the old factor is read before it is written), or else into ``scratch``.
+    ``second`` (the cross terms, or LoFT-simple's ``exp_avg_sq``) and ``prev``, the Gram pseudo-inverses known already,
+    ``pinv_prev`` (of ``prev``) and ``pinv_now`` (of ``x``), each (L, r, r) or ``None``, and ``calibrate`` (eq. 7,
+    when ``x`` changed). ``limit`` is :func:`gram_inverse`'s acceptance bound; ``constants`` are
+    :func:`projected_adam_update`'s ``(first_scale, projector_scale, eps)`` with ``full``, else
+    :func:`update_moments_`'s ``(scale, eps)``. ``scratch``: a 1-d fp32 tensor of at least
+    :func:`alternating_step_scratch_size` elements. The moving factor's new value goes to ``destination``, L fp32
+    tensors whose (row, column) element of the factor is at ``destination_strides`` (the parameters themselves; each
+    element of the old factor is read before it is written), or else into ``scratch``.
 
     Returns that new value (L, k, r) when it is in ``scratch`` (``None`` with a ``destination``; copy it out before
     ``scratch`` is used again) and the pseudo-inverses of ``u["x"]`` and ``v["x"]`` (new tensors), or ``None`` when a
@@ -360,13 +364,12 @@ def alternating_step(
     layers, rows_u, rank = u["x"].shape
     rows_v = v["x"].shape[1]
     square, moving = layers * rank * rank, u if move_b else v
-    # Scratch layout: the moments kernel's, block 5's, then C and the Gram matrices of each side, the new factor and
-    # the acceptance flags (int32, the size of a float).
+    # Scratch layout: the moments kernel's, block 5's (full), then C and the Gram matrices of each side, the new
+    # factor and the acceptance flags (int32, the size of a float).
     base = scratch.data_ptr()
-    moments_at = 0
     adam_at = update_moments_scratch_size(layers, rank)
-    step_at = adam_at + max(
-        projected_adam_scratch_size(layers, rows_v, rank), projected_adam_scratch_size(layers, rows_u, rank)
+    step_at = alternating_step_scratch_size(layers, rows_u, rows_v, rank, full) - _step_buffers(
+        layers, rows_u, rows_v, rank
     )
     out_at = step_at + 4 * square
     accepted_at = out_at + moving["x"].numel()
@@ -374,7 +377,7 @@ def alternating_step(
     factors, pinvs = [], []
     for index, s in enumerate((u, v)):
         x, grad = s["x"], s["grad"]
-        _contiguous_checked(s["exp_avg"], s["cross"], s["prev"])
+        _contiguous_checked(s["exp_avg"], s["second"], s["prev"])
         known = []
         for t in (s["pinv_prev"], s["pinv_now"]):
             if t is not None and not t.is_contiguous():
@@ -386,7 +389,7 @@ def alternating_step(
         matrices_at = base + 4 * (step_at + 2 * index * square)
         factors.append(_Factor(
             x.data_ptr(), *x.stride(), grad.data_ptr(), *grad.stride(),
-            s["exp_avg"].data_ptr(), s["cross"].data_ptr(), s["prev"].data_ptr(), *known, pinv.data_ptr(),
+            s["exp_avg"].data_ptr(), s["second"].data_ptr(), s["prev"].data_ptr(), *known, pinv.data_ptr(),
             matrices_at, matrices_at + 4 * square, x.shape[1], int(s["calibrate"]), 0,
         ))  # fmt: skip
     out = None
@@ -394,11 +397,11 @@ def alternating_step(
         out = scratch[out_at : out_at + moving["x"].numel()].view(moving["x"].shape)
         destination, destination_strides = out, (rank, 1)
     pointers = _layer_pointers(destination)
+    block5, simple = (constants, (0.0, 0.0)) if full else ((1.0, 0.0, 0.0), constants)
     options = _Options(
-        torch.get_num_threads(), layers, rank, beta1, beta2, limit, int(move_b),
-        decay, first_scale, projector_scale, eps, int(floored),
-        base + 4 * moments_at, base + 4 * adam_at, base + 4 * accepted_at,
-        ctypes.cast(pointers, ctypes.c_void_p), *destination_strides,
+        torch.get_num_threads(), layers, rank, int(full), beta1, beta2, limit, int(move_b), decay,
+        *block5, *simple, int(floored),
+        base, base + 4 * adam_at, base + 4 * accepted_at, ctypes.cast(pointers, ctypes.c_void_p), *destination_strides,
     )  # fmt: skip
     result = library().loft_alternating_step(ctypes.byref(factors[0]), ctypes.byref(factors[1]), ctypes.byref(options))
     if result in (2, 3):

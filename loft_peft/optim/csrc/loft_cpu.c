@@ -476,8 +476,9 @@ int64_t loft_update_moments_scratch(int64_t layers, int64_t rank) {
 
 /* rank <= 256. full: second = cross (L, rows, R), else exp_avg_sq (L, rows, r); both C order, as exp_avg.
  * calibration (L, r, r) or NULL. scratch: loft_update_moments_scratch(...) floats (used when full and calibrated).
- * LoFT-simple's step of the factor x (strided) from the new moments, when out (L, rows, r) is not NULL
- * (kernels.simple_adam_update): out = decay x + step_scale m / (sqrt(v) + step_eps).
+ * LoFT-simple's step of the factor x (strided) from the new moments, when out is not NULL
+ * (kernels.simple_adam_update): out = decay x + step_scale m / (sqrt(v) + step_eps), layer l's (rows, r) at out[l]
+ * with strides out_row, out_col (it may be x itself: each element of x is read before it is written).
  * Returns 0, or 1 when a buffer could not be allocated (before anything is written, or with some rows updated). */
 int loft_update_moments(
     int threads, int64_t layers, int64_t rows, int64_t rank,
@@ -485,7 +486,7 @@ int loft_update_moments(
     const float *other_pinv, const float *calibration, float beta1, float beta2, int full,
     float *exp_avg, float *second, float *scratch,
     const float *x, int64_t x_layer, int64_t x_row, int64_t x_col, float decay, float step_scale, float step_eps,
-    float *out)
+    float *const *out, int64_t out_row, int64_t out_col)
 {
     const int64_t packed = rank * (rank + 1) / 2, padded = round_up(packed, VEC);
     const int64_t chunks = (rows + CHUNK_ROWS - 1) / CHUNK_ROWS;
@@ -573,9 +574,9 @@ int loft_update_moments(
                             vi_[b] = vi_[b] * beta2 + (1.0f - beta2) * (scaled[i * rv + b] * scaled[i * rv + b]);
                         if (out == NULL) continue;
                         const float *xi = x + layer * x_layer + (i0 + i) * x_row, *mi_ = m + (i0 + i) * rank;
-                        float *oi = out + (layer * rows + i0 + i) * rank;
+                        float *oi = out[layer] + (i0 + i) * out_row;
                         for (int64_t b = 0; b < rank; b++)
-                            oi[b] = decay * xi[b * x_col] + step_scale * mi_[b] / (sqrtf(vi_[b]) + step_eps);
+                            oi[b * out_col] = decay * xi[b * x_col] + step_scale * mi_[b] / (sqrtf(vi_[b]) + step_eps);
                     }
                     continue;
                 }
@@ -815,7 +816,8 @@ struct loft_factor {
     int64_t x_layer, x_row, x_col;
     const float *grad;             /* (L, rows, r), strided */
     int64_t grad_layer, grad_row, grad_col;
-    float *exp_avg, *cross, *prev; /* (L, rows, r), (L, rows, R), (L, rows, r), C order, updated in place */
+    float *exp_avg, *second, *prev; /* (L, rows, r), cross terms (L, rows, R) or exp_avg_sq (L, rows, r), (L, rows, r),
+                                     * C order, updated in place */
     const float *pinv_prev;        /* (L, r, r): (prev^T prev)^+, or NULL */
     const float *pinv_now;         /* (L, r, r): (x^T x)^+ computed elsewhere for these very values, or NULL */
     float *pinv;                   /* (L, r, r) out: (x^T x)^+ */
@@ -829,10 +831,13 @@ struct loft_factor {
 struct loft_step_options {
     int32_t threads;
     int64_t layers, rank;
+    int32_t full;                  /* 1: LoFT-AdamW (cross terms, block 5), 0: LoFT-simple (elementwise) */
     float beta1, beta2;
     double limit;                  /* the acceptance bound of the Cholesky inverses (loft_gram_inverse) */
     int32_t move_b;                /* 1: U moves, 0: V moves */
-    float decay, first_scale, projector_scale, eps;  /* block 5's constants, as loft_projected_adam takes them */
+    float decay;                   /* 1 - lr weight_decay */
+    float first_scale, projector_scale, eps;  /* full: block 5's constants, as loft_projected_adam takes them */
+    float step_scale, step_eps;    /* simple: the step's constants, as loft_update_moments takes them */
     int32_t floored;
     float *moments_scratch, *adam_scratch;  /* loft_update_moments_scratch, loft_projected_adam_scratch floats */
     int32_t *accepted;             /* L ints */
@@ -884,15 +889,7 @@ int loft_alternating_step(struct loft_factor *u, struct loft_factor *v, const st
             if (count < layers) return 2;
         }
     }
-    for (int k = 0; k < 2; k++) {  /* a side's gradient is scaled by the other's inverse, carried by its C */
-        const struct loft_factor *s = sides[k], *other = sides[1 - k];
-        const float *calibration = other->calibrate && other->changed ? other->calibration : NULL;
-        if (loft_update_moments(o->threads, layers, s->rows, rank, s->grad, s->grad_layer, s->grad_row, s->grad_col,
-                                other->pinv, calibration, o->beta1, o->beta2, 1, s->exp_avg, s->cross,
-                                o->moments_scratch, NULL, 0, 0, 0, 1.0f, 0.0f, 0.0f, NULL))
-            return 1;
-    }
-    for (int k = 0; k < 2; k++) {
+    for (int k = 0; k < 2; k++) {  /* prev <- x now: the new factor may be written over x below */
         const struct loft_factor *s = sides[k];
         if (!s->changed) continue;
         for (int64_t layer = 0; layer < layers; layer++)
@@ -901,8 +898,19 @@ int loft_alternating_step(struct loft_factor *u, struct loft_factor *v, const st
                     s->prev[(layer * s->rows + i) * rank + a] = s->x[layer * s->x_layer + i * s->x_row + a * s->x_col];
     }
     const struct loft_factor *moving = o->move_b ? u : v, *other = o->move_b ? v : u;
+    for (int k = 0; k < 2; k++) {  /* a side's gradient is scaled by the other's inverse, carried by its C */
+        const struct loft_factor *s = sides[k], *o_side = sides[1 - k];
+        const float *calibration = o_side->calibrate && o_side->changed ? o_side->calibration : NULL;
+        const int steps = !o->full && s == moving;  /* LoFT-simple's step comes out of the moments' pass */
+        if (loft_update_moments(o->threads, layers, s->rows, rank, s->grad, s->grad_layer, s->grad_row, s->grad_col,
+                                o_side->pinv, calibration, o->beta1, o->beta2, o->full, s->exp_avg, s->second,
+                                o->moments_scratch, s->x, s->x_layer, s->x_row, s->x_col, o->decay, o->step_scale,
+                                o->step_eps, steps ? o->out : NULL, o->out_row, o->out_col))
+            return 1;
+    }
+    if (!o->full) return 0;
     return loft_projected_adam(o->threads, layers, moving->rows, other->rows, rank, moving->x, moving->x_layer,
-                               moving->x_row, moving->x_col, moving->exp_avg, moving->cross, other->x, other->x_layer,
+                               moving->x_row, moving->x_col, moving->exp_avg, moving->second, other->x, other->x_layer,
                                other->x_row, other->x_col, other->pinv, o->decay, o->first_scale, o->projector_scale,
                                o->eps, o->floored, o->adam_scratch, o->out, o->out_row, o->out_col);
 }
