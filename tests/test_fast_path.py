@@ -518,6 +518,27 @@ def test_native_projected_update_equals_float64_reference_across_row_chunks_and_
         assert float((new[i].double() - expected).abs().max() / expected.abs().max()) < 1e-5
 
 
+@pytest.mark.parametrize("floor", [0.0, 0.01])
+def test_native_projected_update_lets_nans_through_as_the_torch_operations_do(floor):
+    """A NaN in a row's cross terms (v~) or first moment (m~) makes that row's new factor NaN with the C kernel as
+    with the PyTorch operations (whose maximum keeps NaNs), and leaves the other rows finite."""
+    if not native.enabled():
+        pytest.skip("the native kernels could not be built here (no C compiler?)")
+    x, exp_avg, cross, y = (t.float() for t in _direction_inputs(torch.float64, layers=1, rows=40, length=70, rank=6))
+    cross[0, 3, 5] = float("nan")
+    exp_avg[0, 17, 2] = float("nan")
+    pinv = kernels.gram_pinv(y)
+    options = dict(lr=0.05, decay=1.0, bias_correction1=0.271, bias_correction2=0.003, eps=1e-8, floor=floor)
+    results = {}
+    for name in ("native", "bmm"):
+        with _backend(name):
+            results[name] = kernels.projected_adam_update(x, exp_avg, cross, y, pinv, **options)[0]
+    for new in results.values():
+        assert torch.isnan(new[[3, 17]]).all(dim=1).all()
+    assert torch.equal(torch.isnan(results["native"]), torch.isnan(results["bmm"]))
+    assert torch.isfinite(results["native"][[0, 1, 2, 4, 16, 18, 39]]).all()
+
+
 @pytest.mark.parametrize("full", [True, False])
 @pytest.mark.parametrize("beta1", [0.9, 0.0])
 @pytest.mark.parametrize("rank, rows", [(1, 9), (5, 37), (16, 131), (33, 21)])  # 33: carried as C^T P C

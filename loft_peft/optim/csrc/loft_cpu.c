@@ -20,7 +20,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX__)
 #include <immintrin.h>
 #endif
 
@@ -147,6 +147,18 @@ static inline vf vmax(vf a, vf b) {
     return (vf)((pick_a & (vi)a) | (~pick_a & (vi)b));
 }
 
+/* max(a, b) that is b where b is NaN (x86's max: the second operand when either is NaN); one instruction on x86.
+ * Block 5 uses it where only b's NaN must come through (a NaN in a makes the result NaN anyway). */
+static inline vf vmax_keep_nan_of_b(vf a, vf b) {
+#if defined(__AVX512F__) && VEC == 16
+    return (vf)_mm512_max_ps((__m512)a, (__m512)b);
+#elif defined(__AVX__) && VEC == 8
+    return (vf)_mm256_max_ps((__m256)a, (__m256)b);
+#else
+    return vmax(b, a);
+#endif
+}
+
 static inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -226,7 +238,8 @@ static inline __attribute__((always_inline)) void adam_tile(
     for (int i = 0; i < BR; i++)
 #pragma GCC unroll 16
         for (int v = 0; v < JV; v++) {
-            vf bound = floored ? vmax(s[i][v], f[i][v] * f[i][v]) : vmax(s[i][v], zero);
+            /* a NaN in v~ (s) comes through; one in f makes D NaN anyway */
+            vf bound = vmax_keep_nan_of_b(floored ? f[i][v] * f[i][v] : zero, s[i][v]);
             s[i][v] = f[i][v] / (vsqrt(bound) + veps);
         }
     for (int64_t b = 0; b < rank; b++) {
