@@ -186,7 +186,8 @@ def test_one_call_native_step_gives_the_bits_of_the_separate_native_calls(option
     runs = {}
     for name, replacement in (("one", counted), ("separate", lambda *args, **kwargs: None)):
         monkeypatch.setattr(kernels, "alternating_step", replacement)
-        problem = _Problem(SHAPES + SHAPES[1:2] * 2, dtype=torch.float32, structured=True, scale=3.0, lr=1e-3, **options)
+        shapes = SHAPES + SHAPES[1:2] * 2
+        problem = _Problem(shapes, dtype=torch.float32, structured=True, scale=3.0, lr=1e-3, **options)
         for step in range(12):
             if step == 6:
                 with torch.no_grad():
@@ -221,8 +222,10 @@ def _alternating_step_sides(layers, rows_u, rows_v, rank, generator, calibrate=T
     return sides
 
 
-_STEP_OPTIONS = dict(full=True, beta1=0.9, beta2=0.999, lr=1e-3, decay=1.0, bias_correction1=0.1, bias_correction2=0.001,
-                     eps=1e-8, floor=0.0)  # fmt: skip
+_STEP_OPTIONS = dict(
+    full=True, beta1=0.9, beta2=0.999, lr=1e-3, decay=1.0, bias_correction1=0.1, bias_correction2=0.001, eps=1e-8,
+    floor=0.0,
+)
 
 
 @pytest.mark.parametrize("move_b", [True, False], ids=["B moves", "A moves"])
@@ -237,10 +240,12 @@ def test_one_call_native_step_writes_into_the_parameters_what_it_returns_otherwi
         sides = _alternating_step_sides(layers, rows_u, rows_v, rank, torch.Generator().manual_seed(0))
         params = [torch.full((rows_u, rank) if move_b else (rank, rows_v), float("nan")) for _ in range(layers)]
         strides = params[0].stride() if move_b else params[0].stride()[::-1]
+        step, phase = torch.full((layers,), 3.0), torch.zeros(layers, dtype=torch.int64)
         new, *_ = kernels.alternating_step(
-            sides, move_b=move_b, workspace=kernels.Workspace(), destination=params if direct else None,
-            destination_strides=strides, **_STEP_OPTIONS,
+            sides, move_b=move_b, workspace=kernels.Workspace(), step=step, phase=phase, next_phase=1,
+            destination=params if direct else None, destination_strides=strides, **_STEP_OPTIONS,
         )  # fmt: skip
+        assert step.tolist() == [4.0] * layers and phase.tolist() == [1] * layers
         if direct:
             assert new is None
             new = torch.stack(params) if move_b else torch.stack(params).transpose(1, 2)
@@ -264,8 +269,12 @@ def test_one_call_native_step_declines_what_the_separate_calls_handle_before_wri
         u_prev[1] = u[1]  # U changed in layer 0 only
     before = {(name, key): value.clone() for name, side in sides.items() for key, value in side.items()
               if torch.is_tensor(value)}  # fmt: skip
-    result = kernels.alternating_step(sides, move_b=True, workspace=kernels.Workspace(), **_STEP_OPTIONS)
+    step, phase = torch.full((2,), 3.0), torch.zeros(2, dtype=torch.int64)
+    result = kernels.alternating_step(
+        sides, move_b=True, workspace=kernels.Workspace(), step=step, phase=phase, next_phase=1, **_STEP_OPTIONS
+    )
     assert result is None
+    assert step.tolist() == [3.0, 3.0] and phase.tolist() == [0, 0]
     for (name, key), value in before.items():
         assert torch.equal(sides[name][key], value), (name, key)
 

@@ -243,7 +243,7 @@ class LoftAdamW(LoftOptimizerBase):
         """One step of L pairs in the same phase and step, with state ``t`` stacked along dim 0 (updated in place).
 
         The same blocks as :meth:`_step_pair`, each as one batched call; see there for the maths. With the native
-        kernels, the full variant's alternating step is a single call (:meth:`_step_in_one_native_call`). ``whole``
+        kernels an alternating step (either variant) is a single call (:meth:`_step_in_one_native_call`). ``whole``
         says that ``t`` is the bucket's own stacked state (not a gathered part of it), whose cached Gram
         pseudo-inverses can then be used and renewed.
         """
@@ -260,7 +260,6 @@ class LoftAdamW(LoftOptimizerBase):
         grad_v = stack_factors([grad_or_zeros(a) for a in a_params], dtype).transpose(1, 2)
 
         cache = stacked.gram_pinv if whole else None
-        t["u:step"].add_(1.0)
         step += 1.0
         move_b = not group["alternate"] or phase == MOVE_B
         move_a = not group["alternate"] or phase == MOVE_A
@@ -272,10 +271,12 @@ class LoftAdamW(LoftOptimizerBase):
             eps=eps,
         )
         workspace = self._caches().setdefault("workspace", kernels.Workspace())
-        if group["alternate"] and native.usable(u):
+        counters = t["u:step"].dtype == torch.float32 and t["u:moving"].dtype == torch.int64  # as the kernel keeps them
+        if group["alternate"] and counters and native.usable(u):
             sides = {"u": (b_params, u, grad_u), "v": (a_params, v, grad_v)}
             if self._step_in_one_native_call(group, stacked, t, sides, move_b, whole, workspace, options):
                 return
+        t["u:step"].add_(1.0)
         # Which factors changed since the last step (the one that moved); an unchanged factor needs no calibration
         # and keeps its Gram pseudo-inverse from the last step.
         same_u, same_u_mask = _compare(t["u:prev"], u)
@@ -380,6 +381,9 @@ class LoftAdamW(LoftOptimizerBase):
             beta2=beta2,
             floor=maths.second_moment_floor(beta1, beta2),
             workspace=workspace,
+            step=t["u:step"],
+            phase=t["u:moving"],
+            next_phase=MOVE_A if move_b else MOVE_B,
             destination=moving if direct else None,
             destination_strides=strides,
             **options,
@@ -391,7 +395,6 @@ class LoftAdamW(LoftOptimizerBase):
             increment_version(moving)  # as an in-place copy would: autograd sees the change
         else:
             torch._foreach_copy_(moving, [x if move_b else x.T for x in new.unbind(0)])
-        t["u:moving"].fill_(MOVE_A if move_b else MOVE_B)
         if whole:
             stacked.gram_pinv = {"u": pinv_u, "v": pinv_v}  # the pseudo-inverses of the factors now in "prev"
         return True

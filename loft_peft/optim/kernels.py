@@ -8,8 +8,8 @@ steps and shapes). Where the speed comes from:
 * On x86-64 CPUs with AVX2 or AVX-512, in fp32, the fused C kernels of :mod:`loft_peft.optim.native` (built on first
   use where a C compiler is found): block 5 (:func:`projected_adam_update`) as register tiles of the (k, l) moments
   that never leave the cache, blocks 2-4 (:func:`update_moments_`) row block by row block, and the Gram matrices with
-  their Cholesky inverses and calibration matrices (:func:`gram_pinv_and_calibration`); an alternating step of the
-  full variant is all of these in one call (:func:`alternating_step`), which also writes the new factor into fp32
+  their Cholesky inverses and calibration matrices (:func:`gram_pinv_and_calibration`); an alternating step (either
+  variant) is all of these in one call (:func:`alternating_step`), which also writes the new factor into fp32
   parameters. The rest of this module is their PyTorch fallback, and the path for other CPUs, GPUs and float64.
 * Gram pseudo-inverses by a batched Cholesky factorisation (:func:`spd_pinv`); the eigendecomposition of
   :func:`maths.gram_pinv` is kept for the matrices where the two could differ (singular or ill-conditioned ones).
@@ -471,6 +471,9 @@ def alternating_step(
     eps: float,
     floor: float,
     workspace: Workspace,
+    step: Tensor,
+    phase: Tensor,
+    next_phase: int,
     destination: list[Tensor] | None = None,
     destination_strides: tuple[int, int] = (0, 0),
 ) -> tuple[Tensor | None, Tensor, Tensor] | None:
@@ -486,7 +489,8 @@ def alternating_step(
     :func:`native.usable` takes.
 
     The moving factor's new value is written to ``destination`` (see :func:`native.alternating_step`), or else
-    returned in a workspace buffer, to be copied out. Returns ``(that value or None, U's pseudo-inverse, V's)``, or
+    returned in a workspace buffer, to be copied out; the step counts ``step`` gain one and the phases ``phase`` become
+    ``next_phase``. Returns ``(that value or None, U's pseudo-inverse, V's)``, or
     ``None`` when a computed Gram matrix is singular or ill-conditioned or a factor changed in some layers only:
     nothing has been written then, and the separate calls handle it.
     """
@@ -511,6 +515,9 @@ def alternating_step(
         constants=constants,
         floored=full and floor > 0.0,
         scratch=workspace.get("native", (size,), u["x"]),
+        step=step,
+        phase=phase,
+        next_phase=next_phase,
         destination=destination,
         destination_strides=destination_strides,
     )

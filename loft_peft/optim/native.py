@@ -130,7 +130,7 @@ def library() -> ctypes.CDLL | None:
     # Scratch sizes depend on the build (its vector width): forget those of a library loaded before this one.
     projected_adam_scratch_size.cache_clear()
     update_moments_scratch_size.cache_clear()
-    alternating_step_scratch_size.cache_clear()
+    _step_layout.cache_clear()
     return handle
 
 
@@ -187,7 +187,8 @@ class _Options(ctypes.Structure):
         ("step_scale", ctypes.c_float), ("step_eps", ctypes.c_float), ("floored", ctypes.c_int32),
         ("moments_scratch", ctypes.c_void_p), ("adam_scratch", ctypes.c_void_p),
         ("accepted", ctypes.c_void_p), ("out", ctypes.c_void_p), ("out_row", ctypes.c_int64),
-        ("out_col", ctypes.c_int64),
+        ("out_col", ctypes.c_int64), ("step", ctypes.c_void_p), ("phase", ctypes.c_void_p),
+        ("next_phase", ctypes.c_int64),
     ]  # fmt: skip
 
 
@@ -313,16 +314,25 @@ def gram_inverse(
     return out, gram, (None if count == layers else (accepted == 0).nonzero().squeeze(1)), calibration
 
 
-@functools.lru_cache(maxsize=256)
 def alternating_step_scratch_size(layers: int, rows_u: int, rows_v: int, rank: int, full: bool) -> int:
     """Floats of :func:`alternating_step`'s scratch: the kernels' own, and the step's matrices and new factor."""
-    adam = max(projected_adam_scratch_size(layers, rows_v, rank), projected_adam_scratch_size(layers, rows_u, rank))
-    buffers = _step_buffers(layers, rows_u, rows_v, rank)
-    return update_moments_scratch_size(layers, rank) + (adam if full else 0) + buffers
+    return _step_layout(layers, rows_u, rows_v, rank, full)[-1]
 
 
-def _step_buffers(layers: int, rows_u: int, rows_v: int, rank: int) -> int:
-    return layers * (4 * rank * rank + max(rows_u, rows_v) * rank + 1)
+@functools.lru_cache(maxsize=256)
+def _step_layout(layers: int, rows_u: int, rows_v: int, rank: int, full: bool) -> tuple[int, int, int, int, int]:
+    """Where :func:`alternating_step`'s scratch holds (in floats, each part 64-byte aligned) block 5's buffers (after
+    the moments kernel's), each side's C and Gram matrices, the new factor and the acceptance flags; and its size."""
+
+    def aligned(n: int) -> int:
+        return -(-n // 16) * 16
+
+    adam = aligned(update_moments_scratch_size(layers, rank))
+    block5 = max(projected_adam_scratch_size(layers, rows_v, rank), projected_adam_scratch_size(layers, rows_u, rank))
+    matrices = adam + (aligned(block5) if full else 0)
+    out = matrices + aligned(4 * layers * rank * rank)
+    flags = out + aligned(layers * max(rows_u, rows_v) * rank)
+    return adam, matrices, out, flags, flags + layers
 
 
 def alternating_step(
@@ -338,6 +348,9 @@ def alternating_step(
     constants: tuple[float, float, float] | tuple[float, float],
     floored: bool,
     scratch: Tensor,
+    step: Tensor,
+    phase: Tensor,
+    next_phase: int,
     destination: list[Tensor] | None = None,
     destination_strides: tuple[int, int] = (0, 0),
 ) -> tuple[Tensor | None, Tensor, Tensor] | None:
@@ -354,7 +367,8 @@ def alternating_step(
     :func:`update_moments_`'s ``(scale, eps)``. ``scratch``: a 1-d fp32 tensor of at least
     :func:`alternating_step_scratch_size` elements. The moving factor's new value goes to ``destination``, L fp32
     tensors whose (row, column) element of the factor is at ``destination_strides`` (the parameters themselves; each
-    element of the old factor is read before it is written), or else into ``scratch``.
+    element of the old factor is read before it is written), or else into ``scratch``. Once the step is done, the
+    step counts ``step`` (L, fp32) gain one and the phases ``phase`` (L, int64) become ``next_phase``.
 
     Returns that new value (L, k, r) when it is in ``scratch`` (``None`` with a ``destination``; copy it out before
     ``scratch`` is used again) and the pseudo-inverses of ``u["x"]`` and ``v["x"]`` (new tensors), or ``None`` when a
@@ -363,16 +377,13 @@ def alternating_step(
     """
     layers, rows_u, rank = u["x"].shape
     rows_v = v["x"].shape[1]
+    if not (step.dtype == torch.float32 and phase.dtype == torch.int64):
+        raise ValueError("the native step takes fp32 step counts and int64 phases")
+    if not (step.is_contiguous() and phase.is_contiguous()):
+        raise ValueError("the native step writes its step counts and phases in place and needs them contiguous")
     square, moving = layers * rank * rank, u if move_b else v
-    # Scratch layout: the moments kernel's, block 5's (full), then C and the Gram matrices of each side, the new
-    # factor and the acceptance flags (int32, the size of a float).
+    adam_at, step_at, out_at, accepted_at, _ = _step_layout(layers, rows_u, rows_v, rank, full)
     base = scratch.data_ptr()
-    adam_at = update_moments_scratch_size(layers, rank)
-    step_at = alternating_step_scratch_size(layers, rows_u, rows_v, rank, full) - _step_buffers(
-        layers, rows_u, rows_v, rank
-    )
-    out_at = step_at + 4 * square
-    accepted_at = out_at + moving["x"].numel()
     keep = []  # contiguous copies the call reads, alive until it returns
     factors, pinvs = [], []
     for index, s in enumerate((u, v)):
@@ -402,6 +413,7 @@ def alternating_step(
         torch.get_num_threads(), layers, rank, int(full), beta1, beta2, limit, int(move_b), decay,
         *block5, *simple, int(floored),
         base, base + 4 * adam_at, base + 4 * accepted_at, ctypes.cast(pointers, ctypes.c_void_p), *destination_strides,
+        step.data_ptr(), phase.data_ptr(), next_phase,
     )  # fmt: skip
     result = library().loft_alternating_step(ctypes.byref(factors[0]), ctypes.byref(factors[1]), ctypes.byref(options))
     if result in (2, 3):

@@ -856,6 +856,9 @@ struct loft_step_options {
     int32_t *accepted;             /* L ints */
     float *const *out;             /* the moving factor's new value: layer l at out[l], strides out_row, out_col */
     int64_t out_row, out_col;
+    float *step;                   /* L step counts: + 1 once the step is done */
+    int64_t *phase;                /* L phases: set to next_phase once the step is done */
+    int64_t next_phase;
 };
 
 /* Whether layer `layer` of x equals prev (as torch.equal: every element ==). */
@@ -921,9 +924,15 @@ int loft_alternating_step(struct loft_factor *u, struct loft_factor *v, const st
                                 o->step_eps, steps ? o->out : NULL, o->out_row, o->out_col))
             return 1;
     }
-    if (!o->full) return 0;
-    return loft_projected_adam(o->threads, layers, moving->rows, other->rows, rank, moving->x, moving->x_layer,
-                               moving->x_row, moving->x_col, moving->exp_avg, moving->second, other->x, other->x_layer,
-                               other->x_row, other->x_col, other->pinv, o->decay, o->first_scale, o->projector_scale,
-                               o->eps, o->floored, o->adam_scratch, o->out, o->out_row, o->out_col);
+    if (o->full && loft_projected_adam(o->threads, layers, moving->rows, other->rows, rank, moving->x,
+                                       moving->x_layer, moving->x_row, moving->x_col, moving->exp_avg, moving->second,
+                                       other->x, other->x_layer, other->x_row, other->x_col, other->pinv, o->decay,
+                                       o->first_scale, o->projector_scale, o->eps, o->floored, o->adam_scratch, o->out,
+                                       o->out_row, o->out_col))
+        return 1;
+    for (int64_t layer = 0; layer < layers; layer++) {
+        o->step[layer] += 1.0f;
+        o->phase[layer] = o->next_phase;
+    }
+    return 0;
 }
