@@ -818,9 +818,10 @@ int64_t loft_gram_inverse(int threads, int64_t layers, int64_t length, int64_t r
 
 /* ------------------------------------------------------------------------------------------------------------------
  * One alternating LoFT-AdamW step of L same-shape pairs in one call (kernels.alternating_step): which factors changed
- * since the last step, the Gram inverses not already known and the calibration matrices, both sides' moments
- * (blocks 2-4), the previous factors, and block 5 for the factor that moves. The same functions as the separate calls,
- * in the same order, so the same bits.
+ * since the last step, the Gram inverses not already known and the calibration matrices, the previous factors, both
+ * sides' moments (blocks 2-4; LoFT-simple's step of the moving factor in the same pass), block 5 for the factor that
+ * moves (LoFT-AdamW), and the step counts and phases. The same functions as the separate calls, in an order that gives
+ * the same bits.
  * ------------------------------------------------------------------------------------------------------------------ */
 
 /* One side of the pairs: the factor x (U = B or V = A^T) with its gradient and state. */
