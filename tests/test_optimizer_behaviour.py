@@ -1,6 +1,7 @@
 """LoFT-AdamW's contract beyond the reference maths: clipping, checkpoints, dtypes, options and errors."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from peft import get_peft_model
 from torch import nn
 
 from loft_peft import LoftAdamW, LoftConfig, create_loft_optimizer
-from loft_peft.optim import maths
+from loft_peft.optim import loft_param_groups, maths
 
 from .conftest import tiny_llama
 
@@ -89,40 +90,39 @@ def test_bf16_factors_train_without_nan_and_state_stays_fp32():
             assert torch.equal(value, optimizer.state[p][key])
 
 
-@pytest.mark.parametrize("foreach, typical_bound", [(False, 2e-2), (True, 5e-2)])
-def test_fp32_run_stays_close_to_float64_run(foreach, typical_bound):
-    """Measures round-off drift of fp32 runs from the same runs in float64, over three models.
+@pytest.mark.parametrize("foreach", [False, True])
+def test_fp32_run_stays_close_to_float64_run(foreach):
+    """The same 40-step runs in fp32 and float64, over three models: the fp32 model computes the same loss.
 
-    The drift (largest factor, relative, 40 steps) is reached in the first two steps (each factor's first move) and
-    flat afterwards. The rebuilt second moment ``p (V * V)`` is a sum of r^2 products; where the true value is near
-    zero it cancels to round-off, and Adam's normalisation turns those elements' updates into noise of size ~1 either
-    way, so the drift depends on which elements happen to cancel: measured over the models of seeds 0-4, 5e-3 to
-    7e-2 with the per-layer reference path (``foreach=False``) and 9e-3 to 1e-1 with the batched fast path (the
-    default, native kernels), against 1.3e-6 for LoRA + torch AdamW. In float64 the two paths agree to 1e-7, so the
-    gap is rounding order, not a different algorithm. Asserted: the median over seeds 0-2 (measured 8.3e-3 and
-    2.0e-2) within a typical bound, and no run beyond 0.2 (a blow-up, e.g. no clamp on a negative v~, gives NaN
-    or >> 1).
+    Element by element the runs drift apart chaotically: the rebuilt second moment ``p (V * V)`` is a sum of r^2
+    products, and where its true value is near zero it cancels to round-off, so Adam's normalisation turns those
+    elements' updates into noise of size ~lr either way. Which elements cancel depends on the random model (seeds
+    0-5 gave a largest relative factor drift of 5e-3 to 0.21 on both paths, and a transformers release that changed
+    the tiny model's init moved seed 2 from 2e-2 to 0.16), so the factors' drift is no stable measure. What those
+    elements do to the model is: the held-out loss agreed to 7e-7..4.8e-4 relative over seeds 0-5 (both paths).
+    Asserted: the held-out loss within 2e-3 relative, and no factor drifting beyond 0.5 (a blow-up, e.g. no clamp on
+    a negative v~, gives NaN or >> 1).
     """
     from loft_peft import LoftAdamW
     from loft_peft.optim import loft_param_groups
 
-    drifts = []
+    held_out = _batch(1000)
     for seed in range(3):
-        runs = {}
+        losses, factors = {}, {}
         for dtype in (torch.float64, torch.float32):
             model = get_peft_model(tiny_llama(seed), LoftConfig(r=4)).to(dtype)
             optimizer = LoftAdamW(loft_param_groups(model), lr=5e-3, foreach=foreach)
             _train(model, optimizer, 40)
-            runs[dtype] = {n: p.double() for n, p in _factors(model).items()}
-        drifts.append(
-            max(
-                float((runs[torch.float32][n] - ref).norm() / ref.norm().clamp_min(1e-12))
-                for n, ref in runs[torch.float64].items()
-            )
+            with torch.no_grad():
+                losses[dtype] = float(model(input_ids=held_out, labels=held_out).loss)
+            factors[dtype] = {n: p.double() for n, p in _factors(model).items()}
+        drift = max(
+            float((factors[torch.float32][n] - ref).norm() / ref.norm().clamp_min(1e-12))
+            for n, ref in factors[torch.float64].items()
         )
-    print(f"fp32 vs fp64 relative drift after 40 steps (foreach={foreach}), seeds 0-2: {drifts}")
-    assert max(drifts) < 0.2
-    assert sorted(drifts)[1] < typical_bound
+        print(f"seed {seed} (foreach={foreach}): loss {losses}, largest factor drift {drift:.2e}")
+        assert drift < 0.5
+        assert losses[torch.float32] == pytest.approx(losses[torch.float64], rel=2e-3)
 
 
 def test_second_moment_floor_bounds_the_adam_ratio_where_v_cancels():
@@ -166,6 +166,27 @@ def test_effective_grad_norm_equals_dense_projected_gradient_norm():
         for g in optimizer.param_groups:
             for p in g["params"]:
                 p.grad = grads[id(p)]
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("poison", [math.inf, math.nan])
+def test_effective_grad_norm_is_not_finite_when_the_resting_factor_gradient_is_not(foreach, poison):
+    # The step after the norm moves B, but A's moments take A's gradient too: a non-finite A gradient (an fp16
+    # overflow) must show in the norm, or a GradScaler-skipped step would be logged with a finite norm.
+    model = get_peft_model(tiny_llama(0), LoftConfig(r=3, init_weights=False))
+    optimizer = LoftAdamW(loft_param_groups(model), lr=1e-3, foreach=foreach)
+    ids = _batch()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert optimizer.moving_factor() == "B"
+    finite = float(optimizer.effective_grad_norm())
+    assert math.isfinite(finite)
+    resting = next(p for n, p in model.named_parameters() if "loft_A" in n)
+    resting.grad[0, 0] = poison
+    norm = float(optimizer.effective_grad_norm())
+    assert not math.isfinite(norm)
+    assert float(optimizer.clip_grad_norm_(1.0)) != finite and torch.isfinite(
+        next(p for n, p in model.named_parameters() if "loft_B" in n).grad
+    ).all()  # a non-finite norm clips nothing
 
 
 def test_clip_scales_effective_norm_to_max_norm_and_reports_preclip_norm():

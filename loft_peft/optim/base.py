@@ -135,11 +135,18 @@ class LoftOptimizerBase(torch.optim.Optimizer):
         For each factor pair, the effective full-space gradient of the factor that moves next (``g~_U V^T`` when B
         moves, ``U g~_V^T`` when A moves, both when not alternating), in O((m + n) r^2) without an m x n matrix; for
         every other trainable parameter, its plain gradient. Returns an fp32 (fp64 for fp64 models) 0-dim tensor.
+
+        The factor that does not move still feeds its moments in that step, so a non-finite gradient on it makes the
+        norm non-finite too (``inf``, or ``nan``), as ``torch.nn.utils.clip_grad_norm_`` would: the step it announces
+        would poison the state, and an fp16 overflow there is a skipped step whose logged norm must say so.
         """
         check_factor_layout(self)
         total: Tensor | None = None
+        resting: list[Tensor] = []
         self._caches()["gram_pinv"].clear()
         for group in self.param_groups:
+            if group["loft"]:
+                resting += self._resting_grads(group)
             if group["loft"] and group.get("foreach", True):
                 for bucket in self.shape_buckets(group):
                     sq = self._bucket_effective_sq_norm(group, bucket)
@@ -166,7 +173,24 @@ class LoftOptimizerBase(torch.optim.Optimizer):
                         total = sq if total is None else total + sq.to(total.dtype)
         if total is None:
             return torch.zeros(())
-        return total.sqrt()
+        norm = total.sqrt()
+        if resting:
+            # One norm over the resting factors' gradients: finite exactly when all of them are (no host sync).
+            guard = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(resting)).to(norm.dtype))
+            norm = torch.where(torch.isfinite(guard), norm, guard.to(norm.device))
+        return norm
+
+    def _resting_grads(self, group: dict[str, Any]) -> list[Tensor]:
+        """The gradients of the factors that do not move at the next step (none when the group does not alternate)."""
+        if not group.get("alternate", True):
+            return []
+        grads = []
+        for b_param, a_param in self.factor_pairs(group):
+            move_b, _ = self._moving(group, b_param)
+            resting = a_param if move_b else b_param
+            if resting.grad is not None:
+                grads.append(resting.grad.detach())
+        return grads
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
