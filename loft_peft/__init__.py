@@ -11,7 +11,14 @@ register_loft()
 from .optim import LoftAdamW, create_loft_optimizer, loft_factor_pairs, loft_param_groups  # noqa: E402
 from .optim.muon import LoftMuon  # noqa: E402
 from .quantization import load_qloft_model  # noqa: E402
-from .trainer import LoftCallback, LoftOptimizerFactory, LoftTrainer  # noqa: E402
+from .trainer import LoftCallback, LoftOptimizerFactory, LoftTrainer, LoftTrainerMixin  # noqa: E402
+from .export import convert_adapter_to_lora, export_lora  # noqa: E402
+from .optim.guard import install_step_hook  # noqa: E402
+from .trainer import install_trainer_guard  # noqa: E402
+
+# No silent LoRA: warn when another optimizer trains LoFT factors, and clip LoFT's way in a Trainer that forgot to.
+install_step_hook()
+install_trainer_guard()
 
 __version__ = "0.1.0"
 
@@ -23,7 +30,10 @@ __all__ = [
     "LoftMuon",
     "LoftOptimizerFactory",
     "LoftTrainer",
+    "LoftTrainerMixin",
+    "convert_adapter_to_lora",
     "create_loft_optimizer",
+    "export_lora",
     "load_qloft_model",
     "loft_factor_pairs",
     "loft_param_groups",

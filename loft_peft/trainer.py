@@ -35,14 +35,18 @@ What :class:`LoftCallback` changes in the Trainer's loop (transformers 5, read f
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from typing import Any
 
 import torch
+import transformers.trainer
 from transformers import Trainer, TrainerCallback
 
 from .distributed import keep_trainable_parameters_replicated, prepare_distributed_training
 from .optim import create_loft_optimizer
 from .optim.base import LoftOptimizerBase
+from .optim.guard import warn_if_not_loft
 
 # Keys added to the training logs.
 MOVED_B = "loft_moved_B"
@@ -53,7 +57,8 @@ def unwrap_loft_optimizer(optimizer: Any) -> LoftOptimizerBase:
     """The LoFT optimizer inside ``optimizer`` (which may be accelerate's ``AcceleratedOptimizer`` around it).
 
     Raises:
-        TypeError: no LoFT optimizer is found, or it holds no LoFT factor pair.
+        TypeError: no LoFT optimizer is found (a LoFT optimizer always holds a factor pair: it refuses to be built
+            without one).
     """
     inner = optimizer
     while not isinstance(inner, LoftOptimizerBase) and hasattr(inner, "optimizer"):
@@ -64,12 +69,6 @@ def unwrap_loft_optimizer(optimizer: Any) -> LoftOptimizerBase:
             "`optimizers=(create_loft_optimizer(model, lr=...), None)` or "
             "`optimizer_cls_and_kwargs=(LoftOptimizerFactory, {'lr': ...})` to the Trainer, or use LoftTrainer."
         )
-    if not any(group["loft"] and group["params"] for group in inner.param_groups):
-        raise TypeError(
-            "The LoFT optimizer holds no (loft_B, loft_A) pair, so it would train the factors as plain AdamW: build it "
-            "from the model (`create_loft_optimizer(model, ...)`, or `LoftOptimizerFactory` for "
-            "`optimizer_cls_and_kwargs`), not from the Trainer's name-based parameter groups."
-        )
     return inner
 
 
@@ -77,8 +76,9 @@ class LoftOptimizerFactory:
     """For ``Trainer(optimizer_cls_and_kwargs=(LoftOptimizerFactory, {"lr": ...}))``.
 
     The Trainer (transformers >= 5) instantiates a non-``Optimizer`` class and calls it with the model and the kwargs;
-    this passes them to :func:`~loft_peft.create_loft_optimizer`, which finds the factor pairs through the LoFT layers.
-    Passing ``LoftAdamW`` itself would not work: the Trainer would hand it name-based parameter groups without pairs.
+    this passes them to :func:`~loft_peft.create_loft_optimizer`, which finds the factor pairs through the LoFT layers
+    and takes every option it has (``optimizer="muon"``, ``variant``, ...). ``LoftAdamW`` itself works too: it finds
+    the pairs in the Trainer's name-based parameter groups through the factors' marks.
     """
 
     def __call__(self, model: torch.nn.Module, **kwargs: Any) -> LoftOptimizerBase:
@@ -122,7 +122,9 @@ class LoftCallback(TrainerCallback):
         # A previous train() that died inside a step left the Trainer's clip suspended: give args their value back.
         self._restore_trainer_clip(args)
         # Refuse engines that flatten or shard the factor pairs; under FSDP2, average the replicated factors' grads.
-        prepare_distributed_training(model, unwrap_loft_optimizer(optimizer))
+        loft = unwrap_loft_optimizer(optimizer)
+        _claimed.add(loft)
+        prepare_distributed_training(model, loft)
         self._pending = None
         self._reset_interval()
 
@@ -187,15 +189,16 @@ class LoftCallback(TrainerCallback):
                 entry.update(fields)
 
 
-class LoftTrainer(Trainer):
-    """A ``Trainer`` that builds the LoFT optimizer from its arguments and reports LoFT's fields everywhere.
+class LoftTrainerMixin:
+    """Makes any ``Trainer`` subclass a LoFT trainer: ``class MyTrainer(LoftTrainerMixin, SomeTrainer)``.
 
-    Compared with ``Trainer(..., optimizers=(create_loft_optimizer(model, lr=...), None), callbacks=[LoftCallback()])``
-    it
+    Compared with ``SomeTrainer(..., optimizers=(create_loft_optimizer(model, lr=...), None),
+    callbacks=[LoftCallback()])`` it
 
-    * builds the optimizer inside the Trainer (after device placement), from ``args.learning_rate``,
-      ``args.adam_beta1/adam_beta2``, ``args.adam_epsilon`` and ``args.weight_decay``, plus ``loft_optimizer_kwargs``
-      (e.g. ``{"optimizer": "muon"}`` or ``{"variant": "simple"}``), instead of silently falling back to plain AdamW;
+    * builds the optimizer inside the Trainer (after device placement, and after trainers such as TRL's have wrapped
+      the model with ``peft_config``), from ``args.learning_rate``, ``args.adam_beta1/adam_beta2``,
+      ``args.adam_epsilon`` and ``args.weight_decay``, plus ``loft_optimizer_kwargs`` (e.g. ``{"optimizer": "muon"}``
+      or ``{"variant": "simple"}``), instead of falling back to plain AdamW;
     * adds a :class:`LoftCallback` unless one is given;
     * under accelerate's FSDP2, keeps the LoFT factors out of the sharding when the config did not choose
       (:func:`loft_peft.distributed.keep_trainable_parameters_replicated`);
@@ -203,8 +206,10 @@ class LoftTrainer(Trainer):
       (TensorBoard, W&B, ...) that ``report_to`` places before user callbacks log the effective ``grad_norm`` and
       ``loft_moved_B`` / ``loft_moved_A`` too.
 
+    :class:`LoftTrainer` is this mixin on ``Trainer``; :mod:`loft_peft.trl` puts it on TRL's trainers.
+
     Args:
-        *args, **kwargs: as for ``Trainer``.
+        *args, **kwargs: as for the Trainer it is mixed into.
         loft_optimizer_kwargs: extra keyword arguments for :func:`~loft_peft.create_loft_optimizer`.
     """
 
@@ -214,7 +219,11 @@ class LoftTrainer(Trainer):
             callbacks.append(LoftCallback())
         self.loft_optimizer_kwargs = dict(loft_optimizer_kwargs or {})
         super().__init__(*args, callbacks=callbacks, **kwargs)
-        self._loft_callback = next(cb for cb in self.callback_handler.callbacks if isinstance(cb, LoftCallback))
+        self._loft_callback = next(
+            cb
+            for cb in self.callback_handler.callbacks
+            if isinstance(cb, LoftCallback) and not isinstance(cb, LoftGuardCallback)
+        )
         # Under FSDP2 the factors must stay out of the sharding; the model is prepared (sharded) in train().
         keep_trainable_parameters_replicated()
 
@@ -231,7 +240,97 @@ class LoftTrainer(Trainer):
             return self.optimizer
         return super().create_optimizer(model)
 
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "grad_norm" in logs:
             logs.update(self._loft_callback.log_fields())
-        super().log(logs, start_time)
+        super().log(logs, *args, **kwargs)
+
+
+class LoftTrainer(LoftTrainerMixin, Trainer):
+    """A ``Trainer`` that builds the LoFT optimizer from its arguments and reports LoFT's fields everywhere.
+
+    See :class:`LoftTrainerMixin`, which this is on ``Trainer``.
+    """
+
+
+# ------------------------------------------------------------------------------------------- the Trainer's guard
+_claimed: "weakref.WeakSet[LoftOptimizerBase]" = weakref.WeakSet()  # LoFT optimizers a LoftCallback is driving
+
+
+class LoftGuardCallback(LoftCallback):
+    """In every ``Trainer`` (``import loft_peft`` adds it to transformers' default callbacks): no silent LoRA.
+
+    * A Trainer whose optimizer is not LoFT's, on a model with LoFT factors, gets a warning at the start of training
+      (:func:`loft_peft.optim.guard.warn_if_not_loft`).
+    * A Trainer stepping a LoFT optimizer with no :class:`LoftCallback` would clip the plain gradient norm instead of
+      the effective one and log the wrong ``grad_norm``. The guard then warns once and does the callback's work itself.
+      It decides at the first step, once every callback's ``on_train_begin`` has run (a ``LoftCallback`` claims its
+      optimizer there), and does nothing when a ``LoftCallback`` is present.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._active = False
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._active = False
+        self._undecided = optimizer is not None
+        if optimizer is not None:
+            warn_if_not_loft(optimizer)
+
+    def _decide(self, args, state, control, model, optimizer) -> None:
+        self._undecided = False
+        loft = _inner_loft_optimizer(optimizer)
+        if loft is None or loft in _claimed:
+            return
+        warnings.warn(
+            "The Trainer steps a LoFT optimizer without LoftCallback, so it would clip the plain gradient norm, not "
+            "LoFT's effective one (block 6): loft_peft added the callback's clipping and logs to this run. Pass "
+            "`callbacks=[LoftCallback()]` or use LoftTrainer to say so explicitly.",
+            UserWarning,
+            stacklevel=2,
+        )
+        self._active = True
+        super().on_train_begin(args, state, control, model=model, optimizer=optimizer)
+
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self._undecided:
+            self._decide(args, state, control, model, optimizer)
+        if self._active:
+            super().on_step_begin(args, state, control)
+
+    def on_substep_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self._undecided:
+            self._decide(args, state, control, model, optimizer)
+        if self._active:
+            super().on_substep_end(args, state, control)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self._active:
+            super().on_pre_optimizer_step(args, state, control, **kwargs)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self._active:
+            super().on_optimizer_step(args, state, control, **kwargs)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._active:
+            super().on_train_end(args, state, control, **kwargs)
+        self._active = False
+
+    def on_log(self, args, state, control, **kwargs):
+        if self._active:
+            super().on_log(args, state, control, **kwargs)
+
+
+def _inner_loft_optimizer(optimizer: Any) -> LoftOptimizerBase | None:
+    inner = optimizer
+    while not isinstance(inner, LoftOptimizerBase) and hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    return inner if isinstance(inner, LoftOptimizerBase) else None
+
+
+def install_trainer_guard() -> None:
+    """Add :class:`LoftGuardCallback` to every ``Trainer`` built from now on (once; ``import loft_peft`` does it)."""
+    if LoftGuardCallback not in transformers.trainer.DEFAULT_CALLBACKS:
+        transformers.trainer.DEFAULT_CALLBACKS.append(LoftGuardCallback)

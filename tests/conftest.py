@@ -52,3 +52,23 @@ def tiny_gpt2(seed: int = 0):
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64)
     return GPT2LMHeadModel(config)
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over tiny_llama's 96 ids: <pad> <s> </s> <unk>, then the words t4 ... t95."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"t{i}": i for i in range(4, 96)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def tiny_text(n: int, length: int, seed: int = 0) -> list[str]:
+    """``n`` random sentences of ``length`` words of :func:`tiny_tokenizer`."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 96, (n, length), generator=generator)
+    return [" ".join(f"t{i}" for i in row.tolist()) for row in ids]

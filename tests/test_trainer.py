@@ -264,12 +264,15 @@ def test_callback_rejects_a_trainer_without_a_loft_optimizer(tmp_path):
         trainer.train()
 
 
-def test_callback_rejects_a_loft_optimizer_built_from_name_groups(tmp_path):
-    # Trainer(optimizer_cls_and_kwargs=(LoftAdamW, ...)) hands LoftAdamW name-based groups without factor pairs.
+def test_loft_optimizer_built_from_the_trainers_name_groups_finds_its_pairs(tmp_path):
+    # Trainer(optimizer_cls_and_kwargs=(LoftAdamW, ...)) hands LoftAdamW name-based groups (decay / no decay); the
+    # factors' marks give it the pairs, so it trains LoFT, not plain AdamW.
     trainer = Trainer(model=_loft_model(), args=_args(tmp_path), train_dataset=_dataset(),
                       optimizer_cls_and_kwargs=(LoftAdamW, {"lr": 1e-2}), callbacks=[LoftCallback()])
-    with pytest.raises(TypeError, match="holds no"):
-        trainer.train()
+    trainer.train()
+    loft = unwrap_loft_optimizer(trainer.optimizer)
+    assert sum(len(g["params"]) for g in loft.param_groups if g["loft"]) == 2 * len(loft_factor_pairs(trainer.model))
+    assert _moved(trainer) == [(1.0, 0.0), (0.0, 1.0)] * 2
 
 
 def test_optimizer_factory_gives_the_trainer_a_loft_optimizer(tmp_path):

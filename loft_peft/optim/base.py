@@ -47,6 +47,46 @@ def check_common_hyperparameters(lr: float, betas: tuple[float, float], eps: flo
         raise ValueError(f"Invalid weight_decay: {weight_decay!r}; it must be >= 0.")
 
 
+def pair_marked_factors(group: dict[str, Any]) -> list[dict[str, Any]]:
+    """Split a parameter group that does not say ``"loft"`` into a factor group and a plain group.
+
+    The LoFT layers mark their factors (``param.loft_factor``, ``param.loft_pair``; see :mod:`loft_peft.tuner.layer`),
+    so a plain list such as ``[p for p in model.parameters() if p.requires_grad]``, or the Trainer's name-based groups,
+    still gives LoFT its (B, A) pairs, in the order their B factors appear. The group's other options go to both
+    parts. A group that sets ``"loft"`` is taken as it is.
+
+    Raises:
+        ValueError: a factor is in the group without the other factor of its pair.
+    """
+    if "loft" in group:
+        return [group]
+    params = group["params"]
+    params = [params] if isinstance(params, Tensor) else list(params)
+    pairs: dict[int, dict[str, Tensor]] = {}
+    plain = []
+    for param in params:
+        role, token = getattr(param, "loft_factor", None), getattr(param, "loft_pair", None)
+        if role in ("A", "B") and token is not None:
+            pairs.setdefault(id(token), {})[role] = param
+        else:
+            plain.append(param)
+    for pair in pairs.values():
+        if len(pair) != 2:
+            (role, param), = pair.items()
+            raise ValueError(
+                f"A parameter group holds loft_{role} of a LoFT layer (shape {tuple(param.shape)}) without its "
+                f"loft_{'A' if role == 'B' else 'B'}: LoFT steps the two factors of a layer together, so put both in "
+                "the same group (or build the optimizer with `create_loft_optimizer(model, ...)`)."
+            )
+    options = {key: value for key, value in group.items() if key != "params"}
+    parts = []
+    if pairs:
+        parts.append({**options, "params": [p for pair in pairs.values() for p in (pair["B"], pair["A"])], "loft": True})
+    if plain or not pairs:
+        parts.append({**options, "params": plain, "loft": False})
+    return parts
+
+
 class LoftOptimizerBase(torch.optim.Optimizer):
     """Base class: holds the groups and the state; subclasses implement ``_step_pair`` for one factor pair."""
 
@@ -58,6 +98,13 @@ class LoftOptimizerBase(torch.optim.Optimizer):
         groups = list(params)
         if groups and not isinstance(groups[0], dict):
             groups = [{"params": groups}]
+        groups = [part for group in groups for part in pair_marked_factors(group)]
+        if not any(group.get("loft") for group in groups):
+            raise ValueError(
+                f"{type(self).__name__} was given no LoFT factor pair, so it would train everything as plain AdamW. "
+                f"Build it from the model: `create_loft_optimizer(model, lr=...)`, `{type(self).__name__}(model, "
+                "...)`, or the parameters of a model wrapped with `get_peft_model(model, LoftConfig(...))`."
+            )
         super().__init__(groups, defaults)
         for group in self.param_groups:
             group.setdefault("loft", False)

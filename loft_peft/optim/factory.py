@@ -25,6 +25,7 @@ def loft_factor_pairs(model: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter
         for name in module.active_adapters:
             if name not in module.loft_A:
                 continue
+            module.mark_factors(name)
             b_param, a_param = module.loft_B[name], module.loft_A[name]
             if not (b_param.requires_grad or a_param.requires_grad) or id(b_param) in seen:
                 continue

@@ -54,6 +54,9 @@ class LoftConfig(PeftConfig):
             classifier head).
         layers_to_transform: layer indices to adapt (with ``layers_pattern`` when the layer list is not found).
         layers_pattern: the name of the layer list, e.g. ``"layers"`` or ``"h"``.
+        trainable_token_indices: token indices of the input embedding (a list, or ``{"embed_tokens": [...]}``) whose
+            rows train in full, as PEFT's LoRA option of the same name (TRL sets it when a chat template adds tokens).
+            They are plain parameters: the LoFT optimizer gives them AdamW.
         init_weights: ``True`` initialises as LoRA does, A Kaiming-uniform and B zero, so the model starts unchanged;
             ``False`` makes both random (for tests: the model no longer starts unchanged).
     """
@@ -80,6 +83,10 @@ class LoftConfig(PeftConfig):
     )
     layers_pattern: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Name of the layer list, used with layers_to_transform."}
+    )
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
+        default=None,
+        metadata={"help": "Embedding token indices trained in full (a list, or {layer name: indices})."},
     )
     init_weights: bool = field(
         default=True, metadata={"help": "True: A Kaiming-uniform, B zero (LoRA's init). False: both random."}

@@ -6,7 +6,12 @@ Forward pass, for input ``x`` of shape (..., in_features)::
     loft_A: (r, in_features)    loft_B: (out_features, r)    delta W = loft_B @ loft_A   (out_features, in_features)
 
 in ``nn.Linear`` layout, whatever the base layer stores. ``loft_A`` / ``loft_B`` are the public contract between the
-tuner and the optimizer; in the paper's notation ``U = loft_B`` and ``V = loft_A^T``. There is no alpha scaling.
+tuner and the optimizer; in the paper's notation ``U = loft_B`` and ``V = loft_A^T``. There is no alpha scaling, so
+the adapter is exactly a LoRA adapter with ``lora_alpha = r`` and ``lora_A = loft_A``, ``lora_B = loft_B``.
+
+Each factor parameter also carries a mark, ``param.loft_factor`` (``"B"`` or ``"A"``) and ``param.loft_pair`` (a
+token shared by the two factors of one layer and adapter), so that an optimizer handed a plain list of parameters
+can still find the pairs, and so that an optimizer that is not LoFT's can be told it is training LoFT factors.
 """
 
 from __future__ import annotations
@@ -19,6 +24,29 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+
+class FactorPairToken:
+    """What the two factors of one layer's adapter share as ``param.loft_pair`` (compared by identity)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"FactorPairToken({self.name!r})"
+
+
+def mark_factor_pair(b_factor: nn.Parameter, a_factor: nn.Parameter, name: str) -> None:
+    """Mark ``(loft_B, loft_A)`` as one LoFT pair (see the module docstring)."""
+    token = FactorPairToken(name)
+    b_factor.loft_factor, b_factor.loft_pair = "B", token
+    a_factor.loft_factor, a_factor.loft_pair = "A", token
+
+
+def is_loft_factor(param: torch.Tensor) -> bool:
+    return getattr(param, "loft_factor", None) in ("A", "B")
 
 
 class LoftLayer(BaseTunerLayer):
@@ -47,7 +75,19 @@ class LoftLayer(BaseTunerLayer):
         self.loft_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, r))
         self.reset_loft_parameters(adapter_name, init_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.mark_factors(adapter_name)
         self.set_adapter(self.active_adapters)
+
+    def mark_factors(self, adapter_name: str) -> None:
+        """Mark this adapter's factors as a pair, unless they already are (moving them to a device can replace them)."""
+        b_factor, a_factor = self.loft_B[adapter_name], self.loft_A[adapter_name]
+        token = getattr(b_factor, "loft_pair", None)
+        if token is None or getattr(a_factor, "loft_pair", None) is not token:
+            mark_factor_pair(b_factor, a_factor, adapter_name)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """True: ``W0 + B A`` is a LoRA adapter (PEFT's ``save_as_lora`` / ``convert_to_lora`` use this)."""
+        return True
 
     @torch.no_grad()
     def reset_loft_parameters(self, adapter_name: str, init_weights: bool = True) -> None:
@@ -134,11 +174,40 @@ class Linear(nn.Module, LoftLayer):
             if adapter in self.loft_A:
                 self.get_base_layer().weight.data -= self.get_delta_weight(adapter)
 
+    def _check_forward_args(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """PEFT's checks for mixed adapter batches (``adapter_names``), as LoRA makes them."""
+        adapter_names = kwargs.get("adapter_names")
+        if adapter_names is None:
+            return
+        if len(x) != len(adapter_names):
+            raise ValueError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} and {len(x)} respectively."
+            )
+        if self.merged:
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any) -> torch.Tensor:
+        """Row ``i`` of the batch gets adapter ``adapter_names[i]`` (``"__base__"``: none), as LoRA's mixed batches."""
+        result = self.base_layer(x, *args, **kwargs)
+        for adapter in set(adapter_names):
+            if adapter == "__base__" or adapter not in self.loft_A:
+                continue
+            rows = [i for i, name in enumerate(adapter_names) if name == adapter]
+            result[rows] += self._adapter_output(x[rows], adapter).to(result.dtype)
+        return result
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._check_forward_args(x, *args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result

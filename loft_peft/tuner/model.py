@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -65,6 +67,42 @@ class LoftModel(BaseTuner):
             new_module.requires_grad_(False)  # an added, inactive adapter does not train until set_adapter
         self._replace_module(parent, target_name, new_module, target)
 
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """``model(..., adapter_names=[...])``: hand each LoFT layer the adapter of every row (mixed batches).
+
+        As LoRA's: inference only, every name must be an adapter of some layer (or ``"__base__"``), and beam search
+        repeats each row's name ``num_beams`` times.
+        """
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        known = {name for module in self.modules() if isinstance(module, LoftLayer) for name in module.loft_A}
+        unknown = {name for name in adapter_names if name != "__base__"} - known
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:
+            adapter_names = [name for name in adapter_names for _ in range(num_beams)]
+
+        def inject(module: nn.Module, module_args: tuple, module_kwargs: dict) -> tuple[tuple, dict]:
+            module_kwargs["adapter_names"] = adapter_names
+            return module_args, module_kwargs
+
+        handles = [
+            module.register_forward_pre_hook(inject, with_kwargs=True)
+            for module in self.modules()
+            if isinstance(module, LoftLayer)
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
     @staticmethod
     def _create_new_module(target: nn.Module, adapter_name: str, key: str, **kwargs: Any) -> nn.Module:
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
@@ -111,7 +149,10 @@ def register_loft() -> None:
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
     from peft.utils import register_peft_method
 
+    from .model_card import install as install_model_card
+
     peft_type = _extend_peft_type()
+    install_model_card()
     if PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) is LoftConfig:
         return
     register_peft_method(name=PEFT_TYPE_NAME.lower(), config_cls=LoftConfig, model_cls=LoftModel, prefix="loft_")
