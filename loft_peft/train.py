@@ -40,6 +40,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 # Files a finished run leaves in output_dir (besides the adapter / model files that save_pretrained chooses).
 CONFIG_FILE = "config.yaml"
+LORA_EXPORT_DIR = "lora"  # the LoRA export of a LoFT adapter (export_lora)
 METRICS_FILE = "metrics.json"
 PLOT_FILE = "loss.png"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -71,6 +72,11 @@ class TrainConfig:
     dropout: float = field(default=0.0, metadata={"help": "Adapter dropout (loft_dropout / lora_dropout), in [0, 1)."})
     lora_alpha: float | None = field(
         default=None, metadata={"help": "LoRA/DoRA alpha; none: 2 * rank, as the paper's baselines."}
+    )
+    export_lora: bool = field(
+        default=True,
+        metadata={"help": "LoFT: also write the adapter as a standard PEFT LoRA adapter (exact) to output_dir/lora, "
+                          "for vLLM, TGI and code without loft_peft."},
     )
     loft_alternate: bool = field(default=True, metadata={"help": "LoFT: move one factor per step (block 1)."})
     loft_calibrate: bool = field(default=True, metadata={"help": "LoFT: calibrate the moments (blocks 3-4)."})
@@ -512,6 +518,8 @@ def _clear_previous_run(out: Path) -> None:
     for name in (CONFIG_FILE, METRICS_FILE, PLOT_FILE):
         if (out / name).exists():
             (out / name).unlink()
+    if (out / LORA_EXPORT_DIR / "adapter_config.json").is_file():
+        shutil.rmtree(out / LORA_EXPORT_DIR)
     for pattern in SAVED_MODEL_PATTERNS:
         for path in out.glob(pattern):
             if path.is_file():
@@ -878,7 +886,7 @@ def run(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, c
 
     metrics = _metrics(config, trainer, model, result, final_eval, timer, path, *sizes)
     if main_process:
-        _save_outputs(trainer, out, metrics)
+        _save_outputs(trainer, out, metrics, config.export_lora and config.method in LOFT_METHODS)
     trainer.accelerator.wait_for_everyone()
     return metrics if main_process else None
 
@@ -904,6 +912,12 @@ def _prepare(config: TrainConfig, callbacks: tuple):
         model_kwargs = dict(num_labels=len(names), id2label=dict(enumerate(names)),
                             label2id={n: i for i, n in enumerate(names)}, ignore_mismatched_sizes=True)
     model = build_model(config, path, model_kwargs)
+    if config.model_name_or_path is None and hasattr(model, "peft_config"):
+        # The offline copy of the default model lives in a local cache; the adapter names the model itself.
+        from .assets import SMOLLM2_HUB_ID
+
+        for peft_config in model.peft_config.values():
+            peft_config.base_model_name_or_path = SMOLLM2_HUB_ID
     if config.gradient_checkpointing and config.quantization == "none":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
@@ -1014,13 +1028,17 @@ def _metrics(config, trainer, model, result, final_eval, timer, path, n_train, n
     return metrics
 
 
-def _save_outputs(trainer, out: Path, metrics: dict) -> None:
-    """Adapter (or model) and tokenizer, metrics.json and loss.png, each moved into place whole."""
+def _save_outputs(trainer, out: Path, metrics: dict, lora_export: bool) -> None:
+    """Adapter (or model) and tokenizer, its LoRA export, metrics.json and loss.png, each moved into place whole."""
     from .plotting import plot_loss_curves
 
     staging = Path(tempfile.mkdtemp(prefix=".save-", dir=out))
     try:
         trainer.save_model(str(staging))
+        if lora_export:
+            from .export import export_lora
+
+            export_lora(trainer.model, staging / LORA_EXPORT_DIR)
         for item in staging.iterdir():
             target = out / item.name
             if target.is_dir() and not target.is_symlink():

@@ -273,3 +273,49 @@ def test_class_accepts_a_model_and_rejects_broken_pairs():
         LoftAdamW([{"params": [nn.Parameter(torch.zeros(3, 2))], "loft": True}], lr=1e-3)
     with pytest.raises(ValueError, match="shape"):
         LoftAdamW([{"params": [nn.Parameter(torch.zeros(3, 2)), nn.Parameter(torch.zeros(3, 4))], "loft": True}])
+
+
+# ---------------------------------------------------------------------------------------- no silent plain AdamW
+def test_loft_optimizer_from_a_plain_parameter_list_equals_the_one_from_the_model():
+    runs = []
+    for build in ("model", "list"):
+        model = get_peft_model(tiny_llama(0), LoftConfig(r=3, init_weights=False, modules_to_save=["lm_head"]))
+        params = model if build == "model" else [p for p in model.parameters() if p.requires_grad]
+        optimizer = LoftAdamW(params, lr=1e-2)
+        assert [g["loft"] for g in optimizer.param_groups] == [True, False]
+        _train(model, optimizer, 4)
+        runs.append(_factors(model))
+    for name, value in runs[0].items():
+        assert torch.equal(runs[1][name], value), name
+
+
+def test_loft_optimizer_without_factor_pairs_refuses_and_says_how_to_build_it():
+    with pytest.raises(ValueError, match=r"no LoFT factor pair.*create_loft_optimizer\(model"):
+        LoftAdamW([nn.Parameter(torch.zeros(3, 2))], lr=1e-3)
+    model = get_peft_model(tiny_llama(0), LoftConfig(r=3))
+    with pytest.raises(ValueError, match="no LoFT factor pair"):
+        LoftAdamW([p for n, p in model.named_parameters() if "embed" in n], lr=1e-3)
+
+
+def test_a_group_holding_one_factor_of_a_pair_is_refused():
+    model = get_peft_model(tiny_llama(0), LoftConfig(r=3))
+    b_factors = [p for n, p in model.named_parameters() if "loft_B" in n]
+    a_factors = [p for n, p in model.named_parameters() if "loft_A" in n]
+    with pytest.raises(ValueError, match="loft_B of a LoFT layer .* without its loft_A"):
+        LoftAdamW([{"params": b_factors}, {"params": a_factors}], lr=1e-3)
+
+
+def test_another_optimizer_training_loft_factors_warns_once_naming_the_loft_optimizer():
+    model = get_peft_model(tiny_llama(0), LoftConfig(r=3))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ids = _batch()
+    with pytest.warns(UserWarning, match=r"AdamW is training 20 LoFT factors.*create_loft_optimizer"):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimizer.step()  # once per optimizer
+        plain = torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1)
+        plain.step()  # no LoFT factor: no warning

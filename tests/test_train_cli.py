@@ -84,6 +84,22 @@ def test_run_writes_adapter_metrics_plot_and_resolved_config(tiny, tmp_path):
             torch.testing.assert_close(tensor, saved, rtol=0, atol=0)
 
 
+def test_run_writes_the_lora_export_next_to_the_adapter_unless_told_not_to(tiny, tmp_path):
+    out = tmp_path / "run"
+    assert main(_argv(tiny, out, "--rank", "4")) == 0
+    lora_config = json.loads((out / "lora" / "adapter_config.json").read_text())
+    assert (lora_config["peft_type"], lora_config["r"], lora_config["lora_alpha"]) == ("LORA", 4, 4)
+    loft = load_file(out / "adapter_model.safetensors")
+    lora = load_file(out / "lora" / "adapter_model.safetensors")
+    assert {k.replace(".lora_A.weight", ".loft_A").replace(".lora_B.weight", ".loft_B") for k in lora} == set(loft)
+    assert all(torch.equal(v, loft[k.replace(".lora_A.weight", ".loft_A").replace(".lora_B.weight", ".loft_B")])
+               for k, v in lora.items())
+    assert "## LoFT adapter" in (out / "README.md").read_text()  # the LOFT card says how to load and export it
+    # --overwrite replaces the export too; --export-lora false writes none.
+    assert main(_argv(tiny, out, "--rank", "4", "--export-lora", "false", "--overwrite")) == 0
+    assert not (out / "lora").exists()
+
+
 @pytest.mark.parametrize("method", ["lora", "dora", "full", "loft-simple", "loft-muon"])
 def test_the_same_command_trains_every_method(tiny, tmp_path, method):
     out = tmp_path / method
@@ -321,3 +337,8 @@ def test_default_run_fine_tunes_the_real_smollm2_offline(tmp_path):
     assert metrics["eval_perplexity"] < 200
     assert metrics["trainable_parameters"] < 0.02 * metrics["total_parameters"]
     assert (out / "adapter_model.safetensors").is_file() and (out / "loss.png").is_file()
+    # The adapter names the model, not the local cache folder of its offline copy.
+    for folder in (out, out / "lora"):
+        assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == (
+            "HuggingFaceTB/SmolLM2-135M-Instruct"
+        )

@@ -308,3 +308,43 @@ def test_loft_trainer_builds_the_optimizer_from_its_arguments_and_reports_to_ear
     seen = [log for log in recorder.logs if "loss" in log]
     assert [(log["loft_moved_B"], log["loft_moved_A"]) for log in seen] == _moved(trainer)
     assert [log["grad_norm"] for log in seen] == [h["grad_norm"] for h in _train_logs(trainer)]
+
+
+# ------------------------------------------------------------------------------------ the guard in every Trainer
+def test_trainer_without_loft_callback_warns_and_clips_the_effective_norm_itself(tmp_path):
+    runs = {}
+    for name, callbacks in (("callback", [LoftCallback()]), ("forgotten", [])):
+        model = _loft_model()
+        trainer = _trainer(model, _args(tmp_path / name), callbacks=callbacks)
+        if name == "forgotten":
+            with pytest.warns(UserWarning, match="without LoftCallback"):
+                trainer.train()
+        else:
+            trainer.train()
+        runs[name] = (_train_logs(trainer), _factors(model))
+    (logs, factors), (guarded_logs, guarded_factors) = runs["callback"], runs["forgotten"]
+    assert min(h["grad_norm"] for h in logs) > MAX_NORM  # clipping was active
+    assert [h["grad_norm"] for h in guarded_logs] == [h["grad_norm"] for h in logs]
+    assert _moved_from(guarded_logs) == _moved_from(logs) == [(1.0, 0.0), (0.0, 1.0)] * 2
+    for want, got in zip(factors, guarded_factors):
+        assert torch.equal(got, want)
+
+
+def _moved_from(logs):
+    return [(h["loft_moved_B"], h["loft_moved_A"]) for h in logs]
+
+
+def test_trainer_with_plain_adamw_on_loft_factors_warns_at_the_start(tmp_path):
+    trainer = Trainer(model=_loft_model(), args=_args(tmp_path, max_steps=1), train_dataset=_dataset())
+    with pytest.warns(UserWarning, match="LoRA with alpha = r, not LoFT"):
+        trainer.train()
+
+
+def test_the_guard_does_nothing_when_a_loft_callback_is_present(tmp_path):
+    import warnings
+
+    trainer = _trainer(_loft_model(), _args(tmp_path, max_steps=2), callbacks=[LoftCallback()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        trainer.train()
+    assert _moved(trainer) == [(1.0, 0.0), (0.0, 1.0)]
