@@ -155,6 +155,10 @@ class TrainConfig:
         Raises:
             ConfigError: naming the first bad field.
         """
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{item.name} must be a finite number; got {value}")
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.rank < 1:
@@ -583,6 +587,36 @@ def _target_modules(config: TrainConfig, model) -> list[str] | str | None:
     return list(targets) if isinstance(targets, (list, set, tuple)) else targets
 
 
+def check_rank_fits(config: TrainConfig, path: str) -> None:
+    """Refuse a rank above max(in, out) of a targeted layer before any data or weights load.
+
+    The model is built from its config on the meta device (shapes only, no memory), so that ``--rank 5000`` fails in
+    a second, naming the layer, rather than after loading and allocating.
+
+    Raises:
+        ConfigError: naming the first layer that is narrower than the rank.
+    """
+    import torch
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageClassification
+    from transformers.pytorch_utils import Conv1D
+
+    from .tuner.config import LoftConfig
+
+    auto = AutoModelForCausalLM if config.task == "causal-lm" else AutoModelForImageClassification
+    with torch.device("meta"):
+        skeleton = auto.from_config(AutoConfig.from_pretrained(path))
+    targets = LoftConfig(r=config.rank, target_modules=_target_modules(config, skeleton))
+    for name, module in skeleton.named_modules():
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and check_target_module_exists(targets, name):
+            width = max(module.weight.shape)
+            if config.rank > width:
+                raise ConfigError(
+                    f"rank r={config.rank} is above the width of target module {name!r} (max(in, out) = {width}); "
+                    f"use a rank <= {width} (r = {width} is full rank: AdamW exactly)"
+                )
+
+
 def _compute_dtype(config: TrainConfig):
     import torch
 
@@ -900,6 +934,8 @@ def _prepare(config: TrainConfig, callbacks: tuple):
 
     set_seed(config.seed)
     path = _model_path(config)
+    if config.method in LOFT_METHODS:
+        check_rank_fits(config, path)
     model_kwargs: dict[str, Any] = {}
     if config.task == "causal-lm":
         processor = AutoTokenizer.from_pretrained(path)

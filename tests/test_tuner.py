@@ -16,7 +16,7 @@ from transformers.pytorch_utils import Conv1D
 from loft_peft import LoftConfig, create_loft_optimizer
 from loft_peft.tuner import LoftLayer
 
-from .conftest import tiny_gpt2, tiny_llama
+from .conftest import ToyModel, tiny_gpt2, tiny_llama
 
 
 def _loft_layers(model):
@@ -232,6 +232,14 @@ def test_exclude_modules_skips_targets():
 def test_bad_rank_raises_value_error(rank):
     with pytest.raises(ValueError, match="r must be an int >= 1"):
         LoftConfig(r=rank)
+
+
+def test_rank_above_a_targets_width_is_refused_naming_the_layer_and_full_rank_is_allowed(toy_model):
+    # proj is 9 -> 12: r = 12 = max(in, out) is full rank (AdamW exactly); 13 cannot be.
+    with pytest.raises(ValueError, match=r"r=13 is above the width of target module 'proj' \(max\(in, out\) = 12\)"):
+        get_peft_model(toy_model, LoftConfig(r=13, target_modules=["proj"]))
+    model = get_peft_model(ToyModel(), LoftConfig(r=12, target_modules=["proj"]))
+    assert model.base_model.model.proj.loft_A["default"].shape == (12, 9)
 
 
 def test_unknown_config_key_raises():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -36,15 +37,30 @@ def maths_dtype(param: Tensor) -> torch.dtype:
     return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
+@contextmanager
+def autocast_disabled() -> Iterator[None]:
+    """No autocast inside the optimizer: the common ``with autocast(): loss.backward(); opt.step()`` would otherwise
+    run the Gram matrices and their inverses in bf16 / fp16 (``linalg.pinv`` refuses bf16; fp16 loses the inverse)."""
+    with ExitStack() as stack:
+        for device_type in ("cpu", "cuda"):
+            if device_type == "cpu" or torch.cuda.is_available():
+                stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+        yield
+
+
 def check_common_hyperparameters(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
-    if not isinstance(lr, (int, float)) or lr < 0.0:
-        raise ValueError(f"Invalid learning rate: {lr!r}; it must be a number >= 0.")
-    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"Invalid betas: {betas!r}; both must lie in [0, 1).")
-    if eps < 0.0:
-        raise ValueError(f"Invalid eps: {eps!r}; it must be >= 0.")
-    if weight_decay < 0.0:
-        raise ValueError(f"Invalid weight_decay: {weight_decay!r}; it must be >= 0.")
+    def finite_number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    if not finite_number(lr) or lr < 0.0:
+        raise ValueError(f"Invalid learning rate: {lr!r}; it must be a finite number >= 0.")
+    if (not isinstance(betas, (tuple, list)) or len(betas) != 2
+            or not all(finite_number(b) and 0.0 <= b < 1.0 for b in betas)):
+        raise ValueError(f"Invalid betas: {betas!r}; they must be two numbers in [0, 1), e.g. (0.9, 0.999).")
+    if not finite_number(eps) or eps < 0.0:
+        raise ValueError(f"Invalid eps: {eps!r}; it must be a finite number >= 0.")
+    if not finite_number(weight_decay) or weight_decay < 0.0:
+        raise ValueError(f"Invalid weight_decay: {weight_decay!r}; it must be a finite number >= 0.")
 
 
 def pair_marked_factors(group: dict[str, Any]) -> list[dict[str, Any]]:
@@ -187,6 +203,10 @@ class LoftOptimizerBase(torch.optim.Optimizer):
         norm non-finite too (``inf``, or ``nan``), as ``torch.nn.utils.clip_grad_norm_`` would: the step it announces
         would poison the state, and an fp16 overflow there is a skipped step whose logged norm must say so.
         """
+        with autocast_disabled():
+            return self._effective_grad_norm()
+
+    def _effective_grad_norm(self) -> Tensor:
         check_factor_layout(self)
         total: Tensor | None = None
         resting: list[Tensor] = []
@@ -315,11 +335,12 @@ class LoftOptimizerBase(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            if group["loft"]:
-                self._step_factor_group(group)
-            else:
-                self._step_plain_group(group)
+        with autocast_disabled():
+            for group in self.param_groups:
+                if group["loft"]:
+                    self._step_factor_group(group)
+                else:
+                    self._step_plain_group(group)
         self._caches()["gram_pinv"].clear()
         return loss
 

@@ -59,6 +59,16 @@ class LoftModel(BaseTuner):
         if current_key is None:
             raise ValueError("LoftModel._create_and_replace needs the target's key.")
         kwargs = dict(r=loft_config.r, loft_dropout=loft_config.loft_dropout, init_weights=loft_config.init_weights)
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if isinstance(base, Conv1D):
+            width = max(base.weight.shape)
+        else:
+            width = max(getattr(base, "in_features", 0), getattr(base, "out_features", 0))
+        if width and loft_config.r > width:
+            raise ValueError(
+                f"LoFT rank r={loft_config.r} is above the width of target module {current_key!r} "
+                f"(max(in, out) = {width}); use r <= {width} (r = {width} is full rank: AdamW exactly)."
+            )
         if isinstance(target, LoftLayer):
             target.update_layer(adapter_name, **kwargs)
             return
