@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -118,16 +119,55 @@ def load_text_dataset(
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"Data file(s) not found: {', '.join(missing)}")
+    empty = [str(p) for p in paths if is_empty_file(p)]
+    if empty:
+        raise ValueError(f"Data file(s) empty: {', '.join(empty)}")
     builder = _builder_for(paths)
     files = {split: [str(p) for p in paths]}
-    if builder == "text":
-        dataset = load_dataset("text", data_files=files, split=split, keep_linebreaks=True)
-        if text_column != "text":
+    try:
+        with _quiet_loading():
+            if builder == "text":
+                dataset = load_dataset("text", data_files=files, split=split, keep_linebreaks=True)
+            else:
+                dataset = load_dataset("json", data_files=files, split=split)
+        if builder == "text" and text_column != "text":
             dataset = dataset.rename_column("text", text_column)
-    else:
-        dataset = load_dataset("json", data_files=files, split=split)
+    except Exception as error:  # datasets wraps a parse error in a long DatasetGenerationError chain
+        cause = error.__cause__ or error
+        raise ValueError(
+            f"Could not read {', '.join(map(str, paths))} as {builder}: {type(cause).__name__}: "
+            f"{' '.join(str(cause).split())[:300]}"
+        ) from error
     _check_column(dataset, text_column)
     return dataset
+
+
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Reading local files takes well under a second: no "Generating train split" bars, and a parse error is
+    reported once, by the caller, not also logged by the ``datasets`` builder."""
+    import datasets
+
+    bars_were_on = datasets.is_progress_bar_enabled()
+    verbosity = datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if bars_were_on:
+            datasets.enable_progress_bars()
+
+
+def is_empty_file(path: Path) -> bool:
+    """True for a file of zero bytes or of whitespace only (read only when it is small)."""
+    size = path.stat().st_size
+    if size == 0:
+        return True
+    if size > 1 << 20:
+        return False
+    return not path.read_bytes().strip()
 
 
 def _check_block_args(block_size: int, eval_fraction: float, max_train_blocks: int | None,

@@ -537,9 +537,13 @@ def _check_inputs(config: TrainConfig) -> None:
     Raises:
         ConfigError: naming the missing file or module.
     """
+    from .data import is_empty_file
+
     for name in config.data_files or []:
         if not Path(name).is_file():
             raise ConfigError(f"data file {name!r} not found")
+        if config.task == "causal-lm" and is_empty_file(Path(name)):
+            raise ConfigError(f"data file {name!r} is empty")
     path = config.model_name_or_path
     # Anything else that does not exist locally is taken for a Hub name, which only loading can check.
     if path is not None and path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
