@@ -4,7 +4,26 @@
 ``PeftModel.from_pretrained`` and ``AutoPeftModelFor*.from_pretrained`` work as they do for LoRA.
 """
 
-from .tuner import LoftConfig, LoftModel, register_loft
+import logging as _logging
+import warnings as _warnings
+
+
+class _DropMessage(_logging.Filter):
+    def __init__(self, start: str) -> None:
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: _logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.start)
+
+
+# Two messages that every user of this package would see and none can act on: bitsandbytes (0.50, CPU) reports that
+# the optional `kernels` package could not fetch its Hub kernel (it falls back to its own CPU kernel), and PEFT's
+# get_peft_model reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning about PEFT's own code).
+_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropMessage("Failed to load CPU gemm_4bit_forward"))
+_warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+from .tuner import LoftConfig, LoftModel, register_loft  # noqa: E402
 
 register_loft()
 

@@ -191,13 +191,40 @@ def load_qloft_model(
     """
     if not isinstance(loft_config, LoftConfig):
         raise TypeError(f"loft_config must be a loft_peft.LoftConfig; got {type(loft_config).__name__}.")
+    factor_dtype = _as_dtype(factor_dtype, "factor_dtype")
+    from peft import get_peft_model
+
+    model = load_4bit_base_model(
+        model_name_or_path, compute_dtype=compute_dtype, quant_type=quant_type, double_quant=double_quant,
+        gradient_checkpointing=gradient_checkpointing, model_class=model_class, **from_pretrained_kwargs,
+    )
+    peft_model = get_peft_model(model, loft_config)
+    if factor_dtype != torch.float32:
+        _cast_factors(peft_model, factor_dtype)
+    return peft_model
+
+
+def load_4bit_base_model(
+    model_name_or_path: Union[str, os.PathLike],
+    *,
+    compute_dtype: Union[torch.dtype, str] = torch.bfloat16,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    gradient_checkpointing: bool = True,
+    model_class: Any = None,
+    **from_pretrained_kwargs: Any,
+) -> Any:
+    """The base of :func:`load_qloft_model`, before any adapter: for LoFT, and for LoRA / DoRA baselines alike.
+
+    Loads in 4 bits, runs ``prepare_model_for_kbit_training`` and keeps the 4-bit layers' gradients flowing on the
+    CPU (arguments and errors as for :func:`load_qloft_model`).
+    """
     if not isinstance(gradient_checkpointing, bool):
         raise TypeError(f"gradient_checkpointing must be True or False; got {gradient_checkpointing!r}.")
-    factor_dtype = _as_dtype(factor_dtype, "factor_dtype")
     _check_from_pretrained_kwargs(from_pretrained_kwargs)
     quantization_config = bnb_4bit_config(compute_dtype=compute_dtype, quant_type=quant_type, double_quant=double_quant)
 
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
 
     if model_class is None:
         from transformers import AutoModelForCausalLM as model_class
@@ -216,10 +243,7 @@ def load_qloft_model(
         model.config.use_cache = False  # the cache is dropped under checkpointing anyway; this avoids the warning
     # Every 4-bit layer, targeted or not, must keep passing gradients after an evaluation (loft_peft.tuner.bnb).
     set_cpu_inference_layout(model, False)
-    peft_model = get_peft_model(model, loft_config)
-    if factor_dtype != torch.float32:
-        _cast_factors(peft_model, factor_dtype)
-    return peft_model
+    return model
 
 
 def _cast_factors(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -235,6 +259,7 @@ def _cast_factors(model: torch.nn.Module, dtype: torch.dtype) -> None:
 __all__ = [
     "bnb_4bit_config",
     "check_quantization",
+    "load_4bit_base_model",
     "load_qloft_model",
     "require_bitsandbytes",
     "set_cpu_inference_layout",

@@ -40,6 +40,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 # Files a finished run leaves in output_dir (besides the adapter / model files that save_pretrained chooses).
 CONFIG_FILE = "config.yaml"
+# The names a finished run wrote into output_dir; --overwrite removes exactly these (and checkpoints).
+MANIFEST_FILE = ".loft-train-manifest.json"
 LORA_EXPORT_DIR = "lora"  # the LoRA export of a LoFT adapter (export_lora)
 METRICS_FILE = "metrics.json"
 PLOT_FILE = "loss.png"
@@ -455,6 +457,14 @@ def _checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
 
 
+def _checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step a complete checkpoint was written at (its ``trainer_state.json``)."""
+    try:
+        return int(json.loads((checkpoint / CHECKPOINT_COMPLETE_MARKER).read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"--resume: {checkpoint / CHECKPOINT_COMPLETE_MARKER} is unreadable ({err})") from None
+
+
 def last_complete_checkpoint(output_dir: Path) -> Path | None:
     """The newest ``checkpoint-N`` whose writing finished (it has ``trainer_state.json``), or ``None``.
 
@@ -479,11 +489,26 @@ def check_output_dir(config: TrainConfig, *, resume: bool, overwrite: bool) -> P
         raise ConfigError(f"output_dir {str(out)!r} exists and is not a folder")
     previous = []
     if out.is_dir():
-        previous = [p.name for p in _checkpoints(out)] + [n for n in (CONFIG_FILE, METRICS_FILE) if (out / n).exists()]
+        previous = [p.name for p in _checkpoints(out)] + [
+            n for n in (CONFIG_FILE, METRICS_FILE, MANIFEST_FILE) if (out / n).exists()
+        ]
+        others = sorted(p.name for p in out.iterdir())
+        if others and not previous:
+            shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            raise ConfigError(
+                f"output_dir {str(out)!r} is not empty ({shown}) and holds no loft-train run; choose a new or empty "
+                "folder (a run would write README.md, config.yaml and the adapter files there)"
+            )
     if resume:
         checkpoint = last_complete_checkpoint(out)
         if checkpoint is None:
             raise ConfigError(f"--resume: output_dir {str(out)!r} holds no complete checkpoint to resume from")
+        done = _checkpoint_step(checkpoint)
+        if config.max_steps > 0 and done >= config.max_steps:
+            raise ConfigError(
+                f"--resume: the run in {str(out)!r} already reached max_steps ({done} of {config.max_steps}); "
+                "raise --max-steps to train further"
+            )
         if (out / CONFIG_FILE).is_file():
             saved = load_config(out / CONFIG_FILE)
             changed = sorted(
@@ -503,31 +528,28 @@ def check_output_dir(config: TrainConfig, *, resume: bool, overwrite: bool) -> P
     return None
 
 
-# What a finished run saves besides its own files: the adapter (or, for method full, the model), the model's config
-# and processor, the Trainer's arguments and PEFT's model card. --overwrite removes these, so no file of the previous
-# run (a LoFT adapter beside a full model, say) is left to be loaded by mistake.
-SAVED_MODEL_PATTERNS = (
-    "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
-    "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
-    "config.json", "generation_config.json", "training_args.bin", "README.md",
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "vocab.json",
-    "merges.txt", "added_tokens.json", "tokenizer.model", "preprocessor_config.json",
-)
-
-
 def _clear_previous_run(out: Path) -> None:
-    """For ``--overwrite``: remove the previous run's checkpoints, result files and saved model (nothing else)."""
+    """For ``--overwrite``: remove what the previous run wrote (its manifest's list, checkpoints and result files)."""
+    written = _read_manifest(out)
     for checkpoint in _checkpoints(out):
         shutil.rmtree(checkpoint)
-    for name in (CONFIG_FILE, METRICS_FILE, PLOT_FILE):
-        if (out / name).exists():
-            (out / name).unlink()
-    if (out / LORA_EXPORT_DIR / "adapter_config.json").is_file():
-        shutil.rmtree(out / LORA_EXPORT_DIR)
-    for pattern in SAVED_MODEL_PATTERNS:
-        for path in out.glob(pattern):
-            if path.is_file():
-                path.unlink()
+    for name in {CONFIG_FILE, METRICS_FILE, PLOT_FILE, *written}:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    if (out / MANIFEST_FILE).exists():
+        (out / MANIFEST_FILE).unlink()
+
+
+def _read_manifest(out: Path) -> list[str]:
+    """The names a finished run wrote into ``out`` (``[]`` without a manifest); only plain names, never paths."""
+    try:
+        names = json.loads((out / MANIFEST_FILE).read_text())["written"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [n for n in names if isinstance(n, str) and n and "/" not in n and n not in (".", "..")]
 
 
 # ====================================================================================================== checks
@@ -632,31 +654,17 @@ def _load_base_model(config: TrainConfig, path: str, model_kwargs: dict[str, Any
     from transformers import AutoModelForCausalLM, AutoModelForImageClassification
 
     auto = AutoModelForCausalLM if config.task == "causal-lm" else AutoModelForImageClassification
-    kwargs = dict(model_kwargs)
     if quantized:
-        from transformers import BitsAndBytesConfig
+        from .quantization import load_4bit_base_model
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=_compute_dtype(config),
-        )
-        kwargs["device_map"] = {"": _device_index()}
-    return auto.from_pretrained(path, dtype=torch.float32, **kwargs)
-
-
-def _device_index():
-    import torch
-
-    if torch.cuda.is_available():
-        return int(os.environ.get("LOCAL_RANK", 0))
-    return "cpu"
+        return load_4bit_base_model(path, compute_dtype=_compute_dtype(config), model_class=auto,
+                                    gradient_checkpointing=config.gradient_checkpointing, **model_kwargs)
+    return auto.from_pretrained(path, dtype=torch.float32, **model_kwargs)
 
 
 def build_model(config: TrainConfig, path: str, model_kwargs: dict[str, Any]):
     """The model to train: wrapped with LoFT / LoRA / DoRA, or the plain model for ``full``."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
     from .tuner.config import LoftConfig
 
@@ -679,13 +687,6 @@ def build_model(config: TrainConfig, path: str, model_kwargs: dict[str, Any]):
     model = _load_base_model(config, path, model_kwargs, quantized)
     if config.method == "full":
         return model
-    if quantized:
-        from .tuner.bnb import set_cpu_inference_layout
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
-        # On the CPU, bitsandbytes would switch a 4-bit layer to a kernel without a backward at the first
-        # evaluation, and training after it would stop reaching the layers below (see loft_peft.tuner.bnb).
-        set_cpu_inference_layout(model, False)
     targets = _target_modules(config, model)
     if config.method in LOFT_METHODS:
         peft_config = LoftConfig(r=config.rank, target_modules=targets, loft_dropout=config.dropout,
@@ -922,7 +923,7 @@ def run(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, c
     if final_eval is None:
         final_eval = trainer.evaluate()
 
-    metrics = _metrics(config, trainer, model, result, final_eval, timer, path, *sizes)
+    metrics = _metrics(config, trainer, model, result, final_eval, timer, path, *sizes, resumed=checkpoint is not None)
     if main_process:
         _save_outputs(trainer, out, metrics, config.export_lora and config.method in LOFT_METHODS)
     trainer.accelerator.wait_for_everyone()
@@ -1015,7 +1016,7 @@ def _prepare(config: TrainConfig, callbacks: tuple):
     return trainer, timer, model, path, (len(train_ds), len(eval_ds))
 
 
-def _metrics(config, trainer, model, result, final_eval, timer, path, n_train, n_eval) -> dict:
+def _metrics(config, trainer, model, result, final_eval, timer, path, n_train, n_eval, resumed=False) -> dict:
     import torch
 
     from .data import perplexity
@@ -1041,7 +1042,8 @@ def _metrics(config, trainer, model, result, final_eval, timer, path, n_train, n
         "lr": config.learning_rate,
         "train_examples": n_train,
         "eval_examples": n_eval,
-        "train_loss": result.training_loss,
+        # After a resume the Trainer's training_loss covers the resumed steps only; the logs cover the whole run.
+        "train_loss": (sum(train_losses) / len(train_losses)) if resumed and train_losses else result.training_loss,
         "train_loss_last_logged": train_losses[-1] if train_losses else None,
         "eval_loss": final_eval.get("eval_loss"),
     }
@@ -1079,6 +1081,9 @@ def _save_outputs(trainer, out: Path, metrics: dict, lora_export: bool) -> None:
             from .export import export_lora
 
             export_lora(trainer.model, staging / LORA_EXPORT_DIR)
+        written = sorted({*_read_manifest(out), *(item.name for item in staging.iterdir()), METRICS_FILE, PLOT_FILE,
+                          CONFIG_FILE})
+        write_atomic(out / MANIFEST_FILE, json.dumps({"written": written}, indent=1) + "\n")
         for item in staging.iterdir():
             target = out / item.name
             if target.is_dir() and not target.is_symlink():
@@ -1103,6 +1108,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"loft-train: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nloft-train: interrupted", file=sys.stderr)
+        return 130
     try:
         metrics = run(config, resume=flags.resume, overwrite=flags.overwrite)
     except KeyboardInterrupt:

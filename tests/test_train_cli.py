@@ -210,6 +210,29 @@ def test_overwrite_leaves_no_model_file_of_the_previous_run(tiny, tmp_path):
     assert (out / "adapter_model.safetensors").is_file() and (out / "notes.txt").read_text() == "kept"
 
 
+def test_output_dir_holding_the_users_own_files_is_refused_and_left_alone(tiny, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "README.md").write_text("my notes")
+    assert main(_argv(tiny, out)) == 2
+    assert "is not empty (README.md) and holds no loft-train run" in _one_error_line(capsys)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md"] and (out / "README.md").read_text() == "my notes"
+    assert main(_argv(tiny, out, "--overwrite")) == 2  # --overwrite replaces a run, not somebody's folder
+    assert (out / "README.md").read_text() == "my notes"
+
+
+def test_overwrite_removes_exactly_what_the_previous_run_wrote(tiny, tmp_path):
+    out = tmp_path / "out"
+    assert main(_argv(tiny, out)) == 0
+    manifest = json.loads((out / ".loft-train-manifest.json").read_text())["written"]
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "lora", "metrics.json", "loss.png",
+            "config.yaml"} <= set(manifest)
+    (out / "tokenizer.model").write_text("the user's, though a tokenizer file name")
+    assert main(_argv(tiny, out, "--overwrite", "--export-lora", "false")) == 0
+    assert (out / "tokenizer.model").read_text() == "the user's, though a tokenizer file name"
+    assert not (out / "lora").exists() and (out / "adapter_model.safetensors").is_file()
+
+
 def test_fp16_on_a_machine_without_cuda_is_refused(tiny, tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA, where fp16 is supported")
@@ -243,11 +266,25 @@ def test_interrupted_run_resumes_from_its_last_complete_checkpoint(tiny, tmp_pat
     (out / "checkpoint-3" / "adapter_model.safetensors").write_bytes(b"")
 
     assert main(_argv(tiny, out, *common, "--resume")) == 0
-    assert json.loads((out / "metrics.json").read_text())["steps"] == 4
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 4
+    # train_loss covers the whole run, not only the resumed steps (logging_steps=1: the mean of the step losses).
+    expected = json.loads((uninterrupted / "metrics.json").read_text())["train_loss"]
+    assert metrics["train_loss"] == pytest.approx(expected, rel=1e-5)
     want = load_file(uninterrupted / "adapter_model.safetensors")
     got = load_file(out / "adapter_model.safetensors")
     assert want.keys() == got.keys()
     assert max((want[k] - got[k]).abs().max().item() for k in want) <= 1e-6
+
+
+def test_resume_of_a_finished_run_is_refused_and_changes_nothing(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(_argv(tiny, out)) == 0
+    capsys.readouterr()
+    before = (out / "metrics.json").read_text()
+    assert main(_argv(tiny, out, "--resume")) == 2
+    assert "already reached max_steps (2 of 2)" in _one_error_line(capsys)
+    assert (out / "metrics.json").read_text() == before
 
 
 def test_resume_with_a_different_training_setup_is_refused(tiny, tmp_path, capsys):
