@@ -150,6 +150,9 @@ class TrainConfig:
         default_factory=lambda: ["none"], metadata={"help": "Reporting integrations, e.g. tensorboard; none: none."}
     )
     dataloader_num_workers: int = field(default=0, metadata={"help": "Data-loading worker processes."})
+    # Every other TrainingArguments option given (--adam-epsilon 1e-4, --tf32 true, --warmup-ratio 0.1, ...),
+    # written as top-level keys in YAML; see trainer_options().
+    trainer_args: dict[str, Any] = field(default_factory=dict, metadata={"help": "Other TrainingArguments options."})
 
     def validate(self) -> None:
         """Check values that the types allow but the run cannot use.
@@ -214,6 +217,15 @@ class TrainConfig:
             raise ConfigError(f"dataloader_num_workers must be >= 0; got {self.dataloader_num_workers}")
         if not self.output_dir:
             raise ConfigError("output_dir is empty")
+        if self.method in LOFT_METHODS:
+            for name in ("optim", "optim_args", "optim_target_modules"):
+                if name in self.trainer_args:
+                    raise ConfigError(f"{name} is not used with method {self.method}: the run builds LoFT's "
+                                      "optimizer (its Adam settings: adam_beta1, adam_beta2, adam_epsilon, "
+                                      "weight_decay); use it with lora, dora or full")
+        for name, value in self.trainer_args.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number; got {value}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -221,7 +233,51 @@ class TrainConfig:
 
 # =============================================================================================== config: YAML and CLI
 def _field_types() -> dict[str, Any]:
-    return typing.get_type_hints(TrainConfig)
+    types_ = typing.get_type_hints(TrainConfig)
+    del types_["trainer_args"]  # not a key of its own: its options are top-level keys
+    return types_
+
+
+# TrainingArguments options that loft-train sets from its own fields or needs to set itself (the run's folder, its
+# evaluation and checkpoint schedule, precision from `precision`); every other option passes through as it is.
+MANAGED_TRAINER_ARGS = frozenset({
+    "output_dir", "overwrite_output_dir", "do_train", "do_eval", "do_predict", "resume_from_checkpoint",
+    "eval_strategy", "save_strategy", "bf16", "fp16", "data_seed", "remove_unused_columns", "label_names",
+    "dataloader_pin_memory", "gradient_checkpointing",
+})
+
+
+def trainer_options() -> dict[str, argparse.Action]:
+    """The TrainingArguments options that pass through, as ``transformers.HfArgumentParser`` declares them.
+
+    Their types, choices and help come from there, so every option of the installed transformers works with the
+    type it has there (``--adam-epsilon 1e-4``, ``--tf32 true``, ``--optim adafactor``, ``--lr-scheduler-kwargs
+    '{"min_lr": 1e-6}'``).
+    """
+    from transformers import HfArgumentParser, TrainingArguments
+
+    own = {f.name for f in dataclasses.fields(TrainConfig)}
+    options = {}
+    for action in HfArgumentParser(TrainingArguments)._actions:
+        # (HfArgumentParser's --no_<name> complements store a constant: `--<name> false` says the same here.)
+        if action.option_strings and action.nargs != 0 and action.dest not in own | MANAGED_TRAINER_ARGS | {"help"}:
+            options[action.dest] = action
+    return options
+
+
+def _convert_trainer_value(name: str, value: Any, action: argparse.Action, where: str) -> Any:
+    """A command-line string (or a YAML string for a typed option) through the option's own type and choices."""
+    if isinstance(value, list) and action.nargs in ("+", "*"):
+        return [_convert_trainer_value(name, v, action, where) for v in value]
+    if isinstance(value, str) and action.type is not None and action.type is not str:
+        try:
+            value = action.type(value)
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as err:
+            raise ConfigError(f"{where} {name!r} must fit TrainingArguments.{name}; got {value!r} ({err})") from None
+    if action.choices is not None and value not in action.choices and str(value) not in map(str, action.choices):
+        shown = ", ".join(map(str, list(action.choices)[:8]))
+        raise ConfigError(f"{where} {name!r} must be one of {shown}, ...; got {value!r}")
+    return value
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -290,7 +346,7 @@ def coerce(name: str, value: Any, tp: Any) -> Any:
 
 
 def _unknown_key_error(key: str, where: str) -> ConfigError:
-    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    names = list(_field_types()) + list(trainer_options())
     close = difflib.get_close_matches(key, names, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else " (see loft-train --help for the fields)"
     return ConfigError(f"unknown config key {key!r} in {where}{hint}")
@@ -306,12 +362,19 @@ def config_from_mapping(values: dict[str, Any], *, where: str = "the config", ba
     if not isinstance(values, dict):
         raise ConfigError(f"{where} must be a mapping of field: value; got {type(values).__name__}")
     types_ = _field_types()
-    updates = {}
+    base = base or TrainConfig()
+    updates: dict[str, Any] = {}
+    trainer_args = dict(base.trainer_args)
+    passthrough = None
     for key, value in values.items():
-        if key not in types_:
+        if key in types_:
+            updates[key] = coerce(key, value, types_[key])
+            continue
+        passthrough = trainer_options() if passthrough is None else passthrough
+        if key not in passthrough:
             raise _unknown_key_error(str(key), where)
-        updates[key] = coerce(key, value, types_[key])
-    return dataclasses.replace(base or TrainConfig(), **updates)
+        trainer_args[key] = _convert_trainer_value(key, value, passthrough[key], "config key")
+    return dataclasses.replace(base, **updates, trainer_args=trainer_args)
 
 
 def load_config(path: str | os.PathLike) -> TrainConfig:
@@ -388,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="Replace the run already in output_dir.")
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
+        if f.name == "trainer_args":
+            continue
         base, _ = _unwrap_optional(_field_types()[f.name])
         is_list = typing.get_origin(base) is list
         default = getattr(defaults, f.name)
@@ -399,6 +464,16 @@ def build_parser() -> argparse.ArgumentParser:
             default=argparse.SUPPRESS,
             metavar="VALUE",
             help=f"{f.metadata.get('help', '')} [default: {default if default is not None else 'none'}]",
+        )
+    trainer_group = parser.add_argument_group(
+        "TrainingArguments", "Every other transformers.TrainingArguments option, with its own type and default."
+    )
+    for name, action in trainer_options().items():
+        flag = "--" + name.replace("_", "-")
+        trainer_group.add_argument(
+            flag, *([f"--{name}"] if "_" in name else []), dest=f"trainer.{name}", default=argparse.SUPPRESS,
+            nargs=action.nargs, const=action.const if action.nargs == "?" else None, metavar=action.metavar or "VALUE",
+            help=(action.help or "").replace("%", "%%"),
         )
     return parser
 
@@ -414,10 +489,16 @@ def resolve_config(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namesp
     config = load_config(args.config) if args.config else TrainConfig()
     types_ = _field_types()
     updates = {}
-    for f in dataclasses.fields(TrainConfig):
-        if hasattr(args, f.name):
-            updates[f.name] = _parse_cli_value(f.name, getattr(args, f.name), types_[f.name])
-    config = dataclasses.replace(config, **updates)
+    for name in types_:
+        if hasattr(args, name):
+            updates[name] = _parse_cli_value(name, getattr(args, name), types_[name])
+    trainer_args = dict(config.trainer_args)
+    options = trainer_options()
+    for key, value in vars(args).items():
+        if key.startswith("trainer."):
+            name = key.removeprefix("trainer.")
+            trainer_args[name] = _convert_trainer_value(name, value, options[name], "--" + name.replace("_", "-"))
+    config = dataclasses.replace(config, **updates, trainer_args=trainer_args)
     config.validate()
     if args.resume and args.overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
@@ -428,7 +509,9 @@ def config_to_yaml(config: TrainConfig) -> str:
     import yaml
 
     header = "# Resolved loft-train config: `loft-train --config config.yaml` repeats this run.\n"
-    return header + yaml.safe_dump(config.to_dict(), sort_keys=False)
+    values = config.to_dict()
+    values.update(values.pop("trainer_args"))  # TrainingArguments options as top-level keys, as they are read
+    return header + yaml.safe_dump(values, sort_keys=False)
 
 
 # ====================================================================================================== files
@@ -938,6 +1021,41 @@ def _prepare(config: TrainConfig, callbacks: tuple):
     from .trainer import LoftTrainer
 
     set_seed(config.seed)
+    # The Trainer's arguments first: a bad TrainingArguments option fails before any data or model loads.
+    warmup = int(config.warmup_steps) if config.warmup_steps >= 1 else config.warmup_steps
+    try:
+        args = TrainingArguments(
+            output_dir=config.output_dir,
+            learning_rate=config.learning_rate,
+            lr_scheduler_type=config.lr_scheduler_type,
+            warmup_steps=warmup,
+            weight_decay=config.weight_decay,
+            max_grad_norm=config.max_grad_norm,
+            per_device_train_batch_size=config.per_device_train_batch_size,
+            per_device_eval_batch_size=config.per_device_eval_batch_size,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            max_steps=config.max_steps,
+            num_train_epochs=config.num_train_epochs,
+            bf16=config.precision == "bf16",
+            fp16=config.precision == "fp16",
+            seed=config.seed,
+            data_seed=config.seed,
+            logging_steps=config.logging_steps,
+            eval_strategy="steps",
+            eval_steps=config.eval_steps,
+            eval_on_start=config.eval_on_start,
+            save_strategy="steps",
+            save_steps=config.save_steps,
+            save_total_limit=config.save_total_limit,
+            report_to=[r for r in config.report_to if r != "none"] or "none",
+            dataloader_num_workers=config.dataloader_num_workers,
+            remove_unused_columns=config.task == "causal-lm",
+            dataloader_pin_memory=torch.cuda.is_available(),
+            label_names=["labels"],
+            **config.trainer_args,
+        )
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"TrainingArguments: {_one_line(err)}") from err
     path = _model_path(config)
     if config.method in LOFT_METHODS:
         check_rank_fits(config, path)
@@ -964,36 +1082,6 @@ def _prepare(config: TrainConfig, callbacks: tuple):
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
 
-    warmup = int(config.warmup_steps) if config.warmup_steps >= 1 else config.warmup_steps
-    args = TrainingArguments(
-        output_dir=config.output_dir,
-        learning_rate=config.learning_rate,
-        lr_scheduler_type=config.lr_scheduler_type,
-        warmup_steps=warmup,
-        weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm,
-        per_device_train_batch_size=config.per_device_train_batch_size,
-        per_device_eval_batch_size=config.per_device_eval_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        max_steps=config.max_steps,
-        num_train_epochs=config.num_train_epochs,
-        bf16=config.precision == "bf16",
-        fp16=config.precision == "fp16",
-        seed=config.seed,
-        data_seed=config.seed,
-        logging_steps=config.logging_steps,
-        eval_strategy="steps",
-        eval_steps=config.eval_steps,
-        eval_on_start=config.eval_on_start,
-        save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
-        report_to=[r for r in config.report_to if r != "none"] or "none",
-        dataloader_num_workers=config.dataloader_num_workers,
-        remove_unused_columns=config.task == "causal-lm",
-        dataloader_pin_memory=torch.cuda.is_available(),
-        label_names=["labels"],
-    )
     timer = _StepTimer()
     trainer_kwargs = dict(
         model=model,

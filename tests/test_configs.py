@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from pathlib import Path
 
@@ -117,7 +118,7 @@ def _sample(name: str, tp) -> tuple[list[str], object]:
     return [text], text
 
 
-@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(TrainConfig)])
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(TrainConfig) if f.name != "trainer_args"])
 def test_every_field_can_be_set_on_the_command_line(field):
     values, expected = _sample(field, typing.get_type_hints(TrainConfig)[field])
     config, _ = resolve_config(["--" + field.replace("_", "-"), *values])
@@ -128,3 +129,55 @@ def test_every_field_can_be_set_on_the_command_line(field):
 def test_none_on_the_command_line_clears_an_optional_field():
     config, _ = resolve_config(["--max-eval-examples", "none"])
     assert config.max_eval_examples is None
+
+
+# ------------------------------------------------------------------------------- TrainingArguments pass through
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--adam-epsilon", "1e-4"], {"adam_epsilon": 1e-4}),
+        (["--tf32", "false", "--label-smoothing-factor", "0.1"], {"tf32": False, "label_smoothing_factor": 0.1}),
+        (["--lr-scheduler-kwargs", '{"min_lr": 1e-6}'], {"lr_scheduler_kwargs": '{"min_lr": 1e-6}'}),
+        (["--torch-compile"], {"torch_compile": True}),
+    ],
+)
+def test_every_other_trainer_option_works_on_the_command_line_with_its_type(flags, expected):
+    config, _ = resolve_config(flags)
+    assert config.trainer_args == expected
+    for name, value in expected.items():
+        assert type(config.trainer_args[name]) is type(value)
+
+
+def test_trainer_options_in_yaml_are_top_level_keys_and_round_trip(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("rank: 4\nadam_epsilon: 1e-4\nadam_beta2: 0.99\n")  # YAML 1.1 reads 1e-4 as a string
+    config = load_config(path)
+    assert config.trainer_args == {"adam_epsilon": 1e-4, "adam_beta2": 0.99}
+    (tmp_path / "resolved.yaml").write_text(config_to_yaml(config))
+    assert load_config(tmp_path / "resolved.yaml") == config
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--adam-epsilon", "tiny"], "'adam_epsilon' must fit TrainingArguments.adam_epsilon"),
+        (["--adam-epsilonn", "1e-4"], "unrecognized arguments: --adam-epsilonn"),
+        (["--optim", "adafactor"], "optim is not used with method loft"),
+        (["--adam-epsilon", "nan"], "adam_epsilon must be a finite number"),
+    ],
+)
+def test_bad_trainer_options_are_one_line_errors(flags, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        resolve_config(flags)
+
+
+def test_an_unknown_yaml_key_suggests_a_trainer_option_too(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("adam_epsilom: 1e-4\n")
+    with pytest.raises(ConfigError, match="did you mean 'adam_epsilon'"):
+        load_config(path)
+
+
+def test_plain_optim_is_allowed_for_the_baselines():
+    config, _ = resolve_config(["--method", "lora", "--optim", "adafactor"])
+    assert config.trainer_args == {"optim": "adafactor"}

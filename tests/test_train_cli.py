@@ -387,3 +387,22 @@ def test_default_run_fine_tunes_the_real_smollm2_offline(tmp_path):
         assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == (
             "HuggingFaceTB/SmolLM2-135M-Instruct"
         )
+
+
+def test_a_trainer_option_from_the_command_line_reaches_the_trainer_and_the_loft_optimizer(tiny, tmp_path):
+    from transformers import TrainerCallback
+
+    from loft_peft.trainer import unwrap_loft_optimizer
+
+    seen = {}
+
+    class Probe(TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            seen["args"] = (args.adam_epsilon, args.adam_beta2, args.label_smoothing_factor)
+            seen["optimizer"] = unwrap_loft_optimizer(optimizer).param_groups[0]["eps"]
+
+    config, flags = train.resolve_config(_argv(tiny, tmp_path / "out", "--adam-epsilon", "1e-4", "--adam-beta2",
+                                               "0.99", "--label-smoothing-factor", "0.05"))
+    train.run(config, callbacks=(Probe(),))
+    assert seen == {"args": (1e-4, 0.99, 0.05), "optimizer": 1e-4}
+    assert "adam_epsilon: 0.0001" in (tmp_path / "out" / "config.yaml").read_text()
