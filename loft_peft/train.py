@@ -918,6 +918,54 @@ def _accuracy(eval_prediction) -> dict[str, float]:
     return {"accuracy": float((np.argmax(logits, axis=-1) == eval_prediction.label_ids).mean())}
 
 
+# ====================================================================================================== logs
+# Keys shown first, in this order; the rest follow by name. Totals and bookkeeping are left out.
+_LOG_ORDER = ("loss", "eval_loss", "eval_accuracy", "grad_norm", "learning_rate", "loft_moved_B", "loft_moved_A")
+_LOG_HIDDEN = {"total_flos", "epoch", "step"}
+
+
+def format_log(logs: dict[str, Any], step: int, max_steps: int) -> str:
+    """One readable line for a Trainer log: ``step 12/40 | loss 3.214 | grad_norm 0.8312 | lr 1.96e-04 | moved B``."""
+    parts = [f"step {step}/{max_steps}" if max_steps > 0 else f"step {step}"]
+    keys = [k for k in _LOG_ORDER if k in logs] + sorted(k for k in logs if k not in _LOG_ORDER)
+    moved = [side for side, key in (("B", "loft_moved_B"), ("A", "loft_moved_A")) if logs.get(key)]
+    for key in keys:
+        value = logs[key]
+        if key in _LOG_HIDDEN or key.startswith("loft_moved_"):
+            continue
+        if key == "learning_rate":
+            parts.append(f"lr {value:.2e}")
+        elif isinstance(value, float):
+            parts.append(f"{key} {value:.4g}")
+        else:
+            parts.append(f"{key} {value}")
+        if key == "eval_loss" and isinstance(value, float) and value < 50:
+            parts[-1] += f" (perplexity {math.exp(value):.4g})"
+    if moved and "loss" in logs:
+        parts.append("moved " + "+".join(moved))
+    return " | ".join(parts)
+
+
+def _readable_logs(trainer) -> None:
+    """Replace the Trainer's printing of logs (a dict of strings) by :func:`format_log` lines, bar or no bar."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class ReadableProgress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and logs:
+                self.training_bar.write(format_log(logs, state.global_step, state.max_steps))
+
+    class ReadableLines(PrinterCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_local_process_zero and logs:
+                print(format_log(logs, state.global_step, state.max_steps), flush=True)
+
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(ReadableProgress)
+    if trainer.pop_callback(PrinterCallback) is not None:
+        trainer.add_callback(ReadableLines)
+
+
 # ====================================================================================================== metrics
 class _StepTimer:
     """Wall time of the optimizer steps alone (forward, backward, clip, step), without evaluation or saving."""
@@ -1052,7 +1100,8 @@ def _prepare(config: TrainConfig, callbacks: tuple):
             remove_unused_columns=config.task == "causal-lm",
             dataloader_pin_memory=torch.cuda.is_available(),
             label_names=["labels"],
-            **config.trainer_args,
+            # Progress bars on a terminal; plain lines in a log file (no escape codes).
+            **{"disable_tqdm": not sys.stderr.isatty(), **config.trainer_args},
         )
     except (ValueError, TypeError) as err:
         raise ConfigError(f"TrainingArguments: {_one_line(err)}") from err
@@ -1101,6 +1150,7 @@ def _prepare(config: TrainConfig, callbacks: tuple):
             trainer.create_optimizer()
     else:
         trainer = Trainer(**trainer_kwargs)
+    _readable_logs(trainer)
     return trainer, timer, model, path, (len(train_ds), len(eval_ds))
 
 

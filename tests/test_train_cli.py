@@ -406,3 +406,18 @@ def test_a_trainer_option_from_the_command_line_reaches_the_trainer_and_the_loft
     train.run(config, callbacks=(Probe(),))
     assert seen == {"args": (1e-4, 0.99, 0.05), "optimizer": 1e-4}
     assert "adam_epsilon: 0.0001" in (tmp_path / "out" / "config.yaml").read_text()
+
+
+def test_logs_are_readable_lines_without_terminal_escape_codes(tiny, tmp_path, capsys):
+    assert main(_argv(tiny, tmp_path / "out", "--max-grad-norm", "0.01")) == 0
+    captured = capsys.readouterr()
+    lines = [line for line in captured.out.splitlines() if line.startswith("step ")]
+    assert any(line.startswith("step 1/2 | loss ") and "| grad_norm " in line and "moved B" in line for line in lines)
+    assert any("eval_loss" in line and "perplexity" in line for line in lines)
+    assert "{'loss'" not in captured.out and "\x1b[" not in captured.out + captured.err
+
+
+def test_format_log_writes_numbers_as_numbers():
+    line = train.format_log({"loss": 3.21456, "grad_norm": 0.5, "learning_rate": 2e-4, "loft_moved_B": 1.0,
+                             "loft_moved_A": 0.0, "epoch": 0.1}, 3, 40)
+    assert line == "step 3/40 | loss 3.215 | grad_norm 0.5 | lr 2.00e-04 | moved B"
