@@ -181,3 +181,9 @@ def test_an_unknown_yaml_key_suggests_a_trainer_option_too(tmp_path):
 def test_plain_optim_is_allowed_for_the_baselines():
     config, _ = resolve_config(["--method", "lora", "--optim", "adafactor"])
     assert config.trainer_args == {"optim": "adafactor"}
+
+
+@pytest.mark.parametrize("name", ["commonsense_llama3_8b", "gpt2_wikitext2", "qloft_llama3_8b_orcamath",
+                                  "vit_base_image_classification"])
+def test_paper_recipes_use_the_authors_eps(name):
+    assert load_config(CONFIGS / f"{name}.yaml").trainer_args["adam_epsilon"] == 1e-4
