@@ -60,16 +60,25 @@ def unwrap_loft_optimizer(optimizer: Any) -> LoftOptimizerBase:
         TypeError: no LoFT optimizer is found (a LoFT optimizer always holds a factor pair: it refuses to be built
             without one).
     """
-    inner = optimizer
-    while not isinstance(inner, LoftOptimizerBase) and hasattr(inner, "optimizer"):
-        inner = inner.optimizer
-    if not isinstance(inner, LoftOptimizerBase):
+    inner = _inner_loft_optimizer(optimizer)
+    if inner is None:
+        innermost = optimizer
+        while hasattr(innermost, "optimizer"):
+            innermost = innermost.optimizer
         raise TypeError(
-            f"LoftCallback needs a LoFT optimizer, but the Trainer's optimizer is {type(inner).__name__}: pass "
+            f"LoftCallback needs a LoFT optimizer, but the Trainer's optimizer is {type(innermost).__name__}: pass "
             "`optimizers=(create_loft_optimizer(model, lr=...), None)` or "
             "`optimizer_cls_and_kwargs=(LoftOptimizerFactory, {'lr': ...})` to the Trainer, or use LoftTrainer."
         )
     return inner
+
+
+def _inner_loft_optimizer(optimizer: Any) -> LoftOptimizerBase | None:
+    """The LoFT optimizer inside accelerate's wrappers, or ``None``."""
+    inner = optimizer
+    while not isinstance(inner, LoftOptimizerBase) and hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    return inner if isinstance(inner, LoftOptimizerBase) else None
 
 
 class LoftOptimizerFactory:
@@ -321,13 +330,6 @@ class LoftGuardCallback(LoftCallback):
     def on_log(self, args, state, control, **kwargs):
         if self._active:
             super().on_log(args, state, control, **kwargs)
-
-
-def _inner_loft_optimizer(optimizer: Any) -> LoftOptimizerBase | None:
-    inner = optimizer
-    while not isinstance(inner, LoftOptimizerBase) and hasattr(inner, "optimizer"):
-        inner = inner.optimizer
-    return inner if isinstance(inner, LoftOptimizerBase) else None
 
 
 def install_trainer_guard() -> None:
