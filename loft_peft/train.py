@@ -540,6 +540,29 @@ def _checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
 
 
+def _damaged_checkpoint_file(checkpoint: Path) -> Path | None:
+    """The first file of a checkpoint that cannot be read back whole (safetensors header, torch zip archive)."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    for path in sorted(checkpoint.iterdir()):
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt") as f:
+                    for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                        f.get_slice(key)
+                if path.stat().st_size == 0:
+                    return path
+            elif path.suffix in (".pt", ".pth", ".bin"):
+                with zipfile.ZipFile(path) as archive:
+                    if archive.testzip() is not None:
+                        return path
+        except Exception:  # noqa: BLE001 - whatever the reader raises, the file is unusable
+            return path
+    return None
+
+
 def _checkpoint_step(checkpoint: Path) -> int:
     """The optimizer step a complete checkpoint was written at (its ``trainer_state.json``)."""
     try:
@@ -586,6 +609,13 @@ def check_output_dir(config: TrainConfig, *, resume: bool, overwrite: bool) -> P
         checkpoint = last_complete_checkpoint(out)
         if checkpoint is None:
             raise ConfigError(f"--resume: output_dir {str(out)!r} holds no complete checkpoint to resume from")
+        damaged = _damaged_checkpoint_file(checkpoint)
+        if damaged is not None:
+            earlier = [p for p in _checkpoints(out) if p != checkpoint and (p / CHECKPOINT_COMPLETE_MARKER).is_file()
+                       and _checkpoint_step(p) < _checkpoint_step(checkpoint) and _damaged_checkpoint_file(p) is None]
+            fix = (f"remove {checkpoint.name} to resume from {earlier[-1].name}" if earlier
+                   else "no earlier complete checkpoint is left; start again with --overwrite")
+            raise ConfigError(f"--resume: {damaged} is truncated or corrupt; {fix}")
         done = _checkpoint_step(checkpoint)
         if config.max_steps > 0 and done >= config.max_steps:
             raise ConfigError(

@@ -421,3 +421,15 @@ def test_format_log_writes_numbers_as_numbers():
     line = train.format_log({"loss": 3.21456, "grad_norm": 0.5, "learning_rate": 2e-4, "loft_moved_B": 1.0,
                              "loft_moved_A": 0.0, "epoch": 0.1}, 3, 40)
     assert line == "step 3/40 | loss 3.215 | grad_norm 0.5 | lr 2.00e-04 | moved B"
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "adapter_model.safetensors"])
+def test_resume_from_a_truncated_checkpoint_file_names_it_and_the_usable_checkpoint(tiny, tmp_path, capsys, name):
+    out = tmp_path / "out"
+    assert main(_argv(tiny, out, "--max-steps", "4", "--save-total-limit", "3")) == 0
+    damaged = out / "checkpoint-4" / name
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    capsys.readouterr()
+    assert main(_argv(tiny, out, "--max-steps", "6", "--resume")) == 2
+    line = _one_error_line(capsys)
+    assert f"checkpoint-4/{name} is truncated or corrupt" in line and "resume from checkpoint-2" in line
