@@ -359,3 +359,27 @@ def test_non_finite_or_malformed_hyperparameters_raise_value_error(kwargs, messa
     model = get_peft_model(tiny_llama(0), LoftConfig(r=2))
     with pytest.raises(ValueError, match=message):
         create_loft_optimizer(model, **kwargs)
+
+
+def test_pairs_out_of_step_gather_and_scatter_on_each_tensors_own_device():
+    # Step counts and phases on the CPU, moments on an accelerator (here: the meta device, which has no data and
+    # refuses an index from another device in index_copy_, as CUDA does in both directions).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from loft_peft.optim.adamw import gather_rows, scatter_rows
+
+    class RefuseMixedDevices(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+            if len({t.device.type for t in tensors if t.dim() > 0}) > 1:
+                raise RuntimeError(f"{func} mixes devices {[t.device.type for t in tensors]}")
+            return func(*args, **(kwargs or {}))
+
+    tensors = {"u:step": torch.arange(4.0), "u:moving": torch.zeros(4, dtype=torch.long),
+               "u:exp_avg": torch.empty(4, 6, 3, device="meta")}
+    with RefuseMixedDevices():
+        part = gather_rows(tensors, [1, 3])
+        assert part["u:exp_avg"].device.type == "meta" and part["u:step"].tolist() == [1.0, 3.0]
+        part["u:step"] += 10
+        scatter_rows(tensors, part, [1, 3])
+    assert tensors["u:step"].tolist() == [0.0, 11.0, 2.0, 13.0]

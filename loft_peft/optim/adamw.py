@@ -23,6 +23,26 @@ from .base import (
 VARIANTS = ("full", "simple")
 
 
+def _row_index(positions: list[int], device: torch.device, cache: dict[torch.device, Tensor]) -> Tensor:
+    if device not in cache:
+        cache[device] = torch.tensor(positions, device=device)
+    return cache[device]
+
+
+def gather_rows(tensors: dict[str, Tensor], positions: list[int]) -> dict[str, Tensor]:
+    """Rows ``positions`` of every stacked state tensor, each indexed on its own device (the step counts and phases
+    may live on the CPU while the moments are on a GPU)."""
+    cache: dict[torch.device, Tensor] = {}
+    return {key: value.index_select(0, _row_index(positions, value.device, cache)) for key, value in tensors.items()}
+
+
+def scatter_rows(tensors: dict[str, Tensor], part: dict[str, Tensor], positions: list[int]) -> None:
+    """Write :func:`gather_rows`' rows back into the stacked state, each on its own device."""
+    cache: dict[torch.device, Tensor] = {}
+    for key, value in part.items():
+        tensors[key].index_copy_(0, _row_index(positions, tensors[key].device, cache), value)
+
+
 class LoftAdamW(LoftOptimizerBase):
     """LoFT-AdamW: alternating, scaled, calibrated Adam on ``(loft_B, loft_A)`` pairs; AdamW on everything else.
 
@@ -213,12 +233,10 @@ class LoftAdamW(LoftOptimizerBase):
         # Pairs out of step with the rest (one had no gradient at some step): gather, step, scatter back.
         stacked.gram_pinv = None
         for (phase, step), positions in parts.items():
-            index = torch.tensor(positions, device=stacked.tensors["u:step"].device)
-            part = {key: value.index_select(0, index) for key, value in stacked.tensors.items()}
+            part = gather_rows(stacked.tensors, positions)
             members = [stacked.members[p] for p in positions]
             self._step_stacked(group, stacked, part, members, phase, step, whole=False)
-            for key, value in part.items():
-                stacked.tensors[key].index_copy_(0, index, value)
+            scatter_rows(stacked.tensors, part, positions)
 
     def _stacked_state(self, group: dict[str, Any], bucket: list[tuple[Tensor, Tensor]]) -> _StackedState:
         """The bucket's stacked state, (re)built when ``optimizer.state`` no longer holds exactly its views."""
