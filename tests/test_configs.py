@@ -10,15 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loft_peft.train import (
-    ConfigError,
-    TrainConfig,
-    _unwrap_optional,
-    config_from_mapping,
-    config_to_yaml,
-    load_config,
-    resolve_config,
-)
+from loft_peft.train import ConfigError, TrainConfig, config_from_mapping, config_to_yaml, load_config, resolve_config
+from loft_peft.train.config import _unwrap_optional
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TRAIN_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml") if not p.name.startswith("accelerate"))
