@@ -18,9 +18,11 @@ class _DropMessage(_logging.Filter):
 
 
 # Two messages that every user of this package would see and none can act on: bitsandbytes (0.50, CPU) reports that
-# the optional `kernels` package could not fetch its Hub kernel (it falls back to its own CPU kernel), and PEFT's
+# the optional `kernels` package could not fetch its Hub kernel (it falls back to its own CPU kernel; offline, `kernels`
+# says it skips a check for it), and PEFT's
 # get_peft_model reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning about PEFT's own code).
 _logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropMessage("Failed to load CPU gemm_4bit_forward"))
+_logging.getLogger("kernels._internals.hf_hub").addFilter(_DropMessage("Skipping publisher trust check"))
 _warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 from .tuner import LoftConfig, LoftModel, register_loft  # noqa: E402

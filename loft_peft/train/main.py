@@ -35,9 +35,13 @@ def run(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, c
     check_inputs(config)
     checkpoint = check_output_dir(config, resume=resume, overwrite=overwrite)
 
+    import datasets
     import transformers
 
     transformers.logging.set_verbosity_warning()
+    if not sys.stderr.isatty():  # a log file: lines only, no progress bars and their escape codes
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     out = Path(config.output_dir)
     existed = out.exists()
     try:
