@@ -47,7 +47,7 @@ INTERNALS: dict[str, str] = {
     ),
     "peft_lora_conversion": (
         "PEFT's `convert_to_lora` / `save_as_lora` convert any layer whose `supports_lora_conversion(adapter_name)` "
-        "is True from its `get_delta_weight(adapter_name)` (tuner/layer.py)."
+        "is True from its `get_delta_weight(adapter_name)` (tuner/layer.py; PEFT >= 0.19)."
     ),
     "torch_global_step_pre_hook": (
         "`torch.optim.optimizer.register_optimizer_step_pre_hook` runs its hook before every optimizer's `step()`; "

@@ -144,7 +144,7 @@ def test_export_command_names_the_bad_file_and_writes_nothing(tmp_path, capsys, 
 def test_peft_save_as_lora_converts_a_loft_model(tmp_path):
     save_as_lora = getattr(peft, "save_as_lora", None)
     if save_as_lora is None:
-        pytest.skip(f"peft {peft.__version__} has no save_as_lora")
+        pytest.skip(f"peft {peft.__version__} has no save_as_lora (it came with peft 0.19)")
     model = _trained()
     expected = model(input_ids=IDS).logits.detach()
     assert model.supports_lora_conversion()

@@ -146,6 +146,10 @@ def test_upstream_peft_trainable_tokens_from_config():
 
 
 def test_upstream_peft_lora_conversion():
+    import peft
+
+    if not hasattr(peft, "convert_to_lora"):
+        pytest.skip(f"peft {peft.__version__} has no LoRA conversion (it came with peft 0.19)")
     from peft import convert_to_lora
 
     model = get_peft_model(tiny_llama(0), LoftConfig(r=2, init_weights=False))
