@@ -266,6 +266,7 @@ def test_interrupted_run_resumes_from_its_last_complete_checkpoint(tiny, tmp_pat
     (out / "checkpoint-3" / "adapter_model.safetensors").write_bytes(b"")
 
     assert main(_argv(tiny, out, *common, "--resume")) == 0
+    assert not (out / "checkpoint-3").exists()  # the cut-short folder is gone, not left for the rotation to count
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 4
     # train_loss covers the whole run, not only the resumed steps (logging_steps=1: the mean of the step losses).
@@ -433,3 +434,24 @@ def test_resume_from_a_truncated_checkpoint_file_names_it_and_the_usable_checkpo
     assert main(_argv(tiny, out, "--max-steps", "6", "--resume")) == 2
     line = _one_error_line(capsys)
     assert f"checkpoint-4/{name} is truncated or corrupt" in line and "resume from checkpoint-2" in line
+
+
+def test_ctrl_c_while_a_checkpoint_is_written_leaves_no_incomplete_checkpoint(tiny, tmp_path, monkeypatch, capsys):
+    from transformers import Trainer
+
+    original = Trainer._save_checkpoint
+
+    def interrupted_save(self, model, trial):
+        if self.state.global_step == 4:
+            folder = Path(self.args.output_dir) / "checkpoint-4"
+            folder.mkdir()
+            (folder / "adapter_model.safetensors").write_bytes(b"half")
+            raise KeyboardInterrupt
+        return original(self, model, trial)
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", interrupted_save)
+    out = tmp_path / "out"
+    assert main(_argv(tiny, out, "--max-steps", "4")) == 130
+    err = capsys.readouterr().err
+    assert "removed checkpoint-4" in err and "resume from" in err and "checkpoint-2" in err
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2"]

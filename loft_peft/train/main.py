@@ -17,6 +17,7 @@ from .outputs import (
     check_output_dir,
     clear_previous_run,
     last_complete_checkpoint,
+    remove_incomplete_checkpoints,
     save_outputs,
     write_atomic,
 )
@@ -57,6 +58,8 @@ def run(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, c
 
     main_process = trainer.is_world_process_zero()
     if main_process:
+        if checkpoint is not None:
+            remove_incomplete_checkpoints(out)  # a save cut short after the checkpoint this run resumes from
         if overwrite:
             clear_previous_run(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -184,9 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         metrics = run(config, resume=flags.resume, overwrite=flags.overwrite)
     except KeyboardInterrupt:
+        removed = remove_incomplete_checkpoints(Path(config.output_dir))
         checkpoint = last_complete_checkpoint(Path(config.output_dir))
         where = f"; resume from {checkpoint} with --resume" if checkpoint else ""
-        print(f"\nloft-train: interrupted{where}", file=sys.stderr)
+        cut = f" (removed {', '.join(removed)}, whose writing was cut short)" if removed else ""
+        print(f"\nloft-train: interrupted{cut}{where}", file=sys.stderr)
         return 130
     except ConfigError as err:
         print(f"loft-train: error: {one_line(err)}", file=sys.stderr)

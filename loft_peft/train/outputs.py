@@ -99,6 +99,20 @@ def last_complete_checkpoint(output_dir: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def remove_incomplete_checkpoints(output_dir: Path) -> list[str]:
+    """Remove the ``checkpoint-N`` folders a save cut short (no ``trainer_state.json``); returns their names.
+
+    The Trainer writes a checkpoint in place; a Ctrl-C (or a kill) in the middle leaves a folder that cannot be resumed
+    from, and that ``save_total_limit``'s rotation would count as a checkpoint.
+    """
+    removed = []
+    for checkpoint in _checkpoints(Path(output_dir)):
+        if not (checkpoint / CHECKPOINT_COMPLETE_MARKER).is_file():
+            shutil.rmtree(checkpoint)
+            removed.append(checkpoint.name)
+    return removed
+
+
 def check_output_dir(config: TrainConfig, *, resume: bool, overwrite: bool) -> Path | None:
     """Decide what the run may do with ``output_dir``; touches nothing.
 
