@@ -159,8 +159,9 @@ class LoftCallback(TrainerCallback):
         self._pending = None
         self._steps += 1
         self._last_norm = norm
-        # accelerate's wrapper knows whether its GradScaler skipped the step (fp16 overflow); then nothing moved.
-        if getattr(optimizer, "step_was_skipped", False):
+        # accelerate's wrapper knows whether its GradScaler skipped the step (fp16 overflow), and the LoFT optimizer
+        # whether it skipped a step on a NaN or inf gradient itself (bf16, fp32); then nothing moved.
+        if getattr(optimizer, "step_was_skipped", False) or unwrap_loft_optimizer(optimizer).last_step_was_skipped():
             return
         self._moved_b += moving in ("B", "both")
         self._moved_a += moving in ("A", "both")

@@ -383,3 +383,54 @@ def test_pairs_out_of_step_gather_and_scatter_on_each_tensors_own_device():
         part["u:step"] += 10
         scatter_rows(tensors, part, [1, 3])
     assert tensors["u:step"].tolist() == [0.0, 11.0, 2.0, 13.0]
+
+
+# ------------------------------------------------------------------------------------------- non-finite gradients
+@pytest.mark.parametrize("clip_first", [False, True])
+@pytest.mark.parametrize("foreach", [False, True])
+def test_a_step_on_a_nan_gradient_is_skipped_and_the_run_goes_on_as_without_it(clip_first, foreach):
+    runs = []
+    for poison in (False, True):
+        model = get_peft_model(tiny_llama(0), LoftConfig(r=3, init_weights=False))
+        optimizer = LoftAdamW(loft_param_groups(model), lr=1e-2, foreach=foreach)
+        for step in ([0, 1, 2, 3, 4] if poison else [0, 1, 3, 4]):
+            ids = _batch(step)
+            model(input_ids=ids, labels=ids).loss.backward()
+            if poison and step == 2:
+                next(p for n, p in model.named_parameters() if "loft_A" in n).grad[0, 0] = float("nan")
+                before = copy.deepcopy(optimizer.state_dict())
+                factors = _factors(model)
+                with pytest.warns(RuntimeWarning, match="NaN or inf, so this step was skipped"):
+                    if clip_first:
+                        optimizer.clip_grad_norm_(1.0)
+                    optimizer.step()
+                assert optimizer.last_step_was_skipped()
+                assert all(torch.equal(factors[n], p) for n, p in _factors(model).items())
+                after = optimizer.state_dict()["state"]
+                assert all(torch.equal(v, after[i][k]) for i, s in before["state"].items() for k, v in s.items())
+                optimizer.zero_grad()
+                continue
+            if clip_first:
+                optimizer.clip_grad_norm_(1.0)
+            optimizer.step()
+            assert not optimizer.last_step_was_skipped()
+            optimizer.zero_grad()
+        runs.append(_factors(model))
+    # Skipping the poisoned batch 2 is the same as never seeing it: the run equals one on batches 0, 1, 3, 4.
+    for name, value in runs[0].items():
+        assert torch.equal(runs[1][name], value), name
+
+
+def test_a_stale_finite_flag_from_a_skipped_scaler_step_is_not_trusted():
+    # clip_grad_norm_ finds a NaN; a GradScaler would then skip step(). The next backward makes new gradients, which
+    # step() checks again instead of reusing the old verdict.
+    model = get_peft_model(tiny_llama(0), LoftConfig(r=3, init_weights=False))
+    optimizer = LoftAdamW(loft_param_groups(model), lr=1e-2)
+    ids = _batch(0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    next(p for n, p in model.named_parameters() if "loft_B" in n).grad[0, 0] = float("inf")
+    assert not math.isfinite(float(optimizer.clip_grad_norm_(1.0)))
+    optimizer.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    assert not optimizer.last_step_was_skipped()

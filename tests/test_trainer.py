@@ -244,6 +244,19 @@ def test_fp16_overflow_skips_the_step_without_toggling_or_advancing_state(tmp_pa
     assert not math.isfinite(norms[1]) and all(math.isfinite(n) for n in norms[:1] + norms[2:])
 
 
+def test_a_nan_gradient_without_a_scaler_skips_the_step_and_is_logged_as_such(tmp_path):
+    # bf16 / fp32 have no GradScaler: the LoFT optimizer skips the step itself, and the callback counts no move.
+    model = _loft_model()
+    b_param = loft_factor_pairs(model)[0][0]
+    trainer = _trainer(model, _args(tmp_path), callbacks=[LoftCallback(), PoisonStep(b_param, step=1)])
+    with pytest.warns(RuntimeWarning, match="this step was skipped"):
+        trainer.train()
+    assert _moved(trainer) == [(1.0, 0.0), (0.0, 0.0), (0.0, 1.0), (1.0, 0.0)]
+    norms = [h["grad_norm"] for h in _train_logs(trainer)]
+    assert not math.isfinite(norms[1]) and all(math.isfinite(n) for n in norms[:1] + norms[2:])
+    assert all(torch.isfinite(f).all() for f in _factors(model))
+
+
 def test_fp16_clip_sees_unscaled_gradients(tmp_path):
     reference = _trainer(_loft_model(), _args(tmp_path / "fp32", max_steps=1), callbacks=[LoftCallback()])
     reference.train()

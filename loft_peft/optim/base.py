@@ -17,6 +17,8 @@ time through ``_step_pair``, or a whole group at once by overriding ``_step_fact
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -269,7 +271,11 @@ class LoftOptimizerBase(torch.optim.Optimizer):
         call the effective norm is at most ``max_norm``. ``max_norm <= 0`` or ``None`` computes the norm only.
         """
         norm = self.effective_grad_norm()
-        if max_norm is None or max_norm <= 0 or not math.isfinite(float(norm)):
+        finite = math.isfinite(float(norm))
+        # The norm covers every gradient step() reads, so step() need not check again while they stay these tensors
+        # with these contents (a GradScaler may skip the step, and the next backward make new ones).
+        self._caches()["gradients_finite"] = (finite, self._gradient_fingerprint())
+        if max_norm is None or max_norm <= 0 or not finite:
             return norm
         coef = float(max_norm) / (float(norm) + 1e-6)
         if coef < 1.0:
@@ -330,11 +336,35 @@ class LoftOptimizerBase(torch.optim.Optimizer):
     # ------------------------------------------------------------------------------------------------------ stepping
     @torch.no_grad()
     def step(self, closure=None):
+        """One step of every group; a step whose gradients hold a NaN or inf is skipped, changing nothing.
+
+        Without a GradScaler (bf16, fp32) nothing else stops a non-finite gradient, and one step on it would turn the
+        moments and factors into NaN for good (the Gram matrices and their inverses of every later step with them).
+        The check is free after :meth:`clip_grad_norm_`, whose norm is non-finite exactly then; otherwise it is one
+        reduction over the gradients. :meth:`last_step_was_skipped` tells.
+        """
         check_factor_layout(self)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        caches = self._caches()
+        known = caches.pop("gradients_finite", None)
+        if known is not None and self._same_gradients(known[1]):
+            finite = known[0]
+        else:
+            finite = self._gradients_finite()
+        caches["skipped"] = not finite
+        if not finite:
+            warnings.warn(
+                f"{type(self).__name__}: a gradient holds NaN or inf, so this step was skipped and nothing moved (no "
+                "GradScaler does it in bf16 or fp32). If it happens often, lower the learning rate or look at the "
+                "data.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            caches["gram_pinv"].clear()
+            return loss
         with autocast_disabled():
             for group in self.param_groups:
                 if group["loft"]:
@@ -343,6 +373,28 @@ class LoftOptimizerBase(torch.optim.Optimizer):
                     self._step_plain_group(group)
         self._caches()["gram_pinv"].clear()
         return loss
+
+    def last_step_was_skipped(self) -> bool:
+        """Whether the last :meth:`step` was skipped for a NaN or inf gradient."""
+        return bool(self._caches().get("skipped", False))
+
+    def _gradient_fingerprint(self) -> list[tuple[weakref.ref, int]]:
+        return [(weakref.ref(p.grad), p.grad._version) for g in self.param_groups for p in g["params"]
+                if p.grad is not None]
+
+    def _same_gradients(self, fingerprint: list[tuple[weakref.ref, int]]) -> bool:
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        return len(grads) == len(fingerprint) and all(
+            ref() is grad and grad._version == version for grad, (ref, version) in zip(grads, fingerprint)
+        )
+
+    def _gradients_finite(self) -> bool:
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return True
+        with autocast_disabled():
+            total = torch.stack([n.float() for n in torch._foreach_norm(grads)]).sum()
+        return bool(torch.isfinite(total))
 
     def _step_factor_group(self, group: dict[str, Any]) -> None:
         """Step every pair of a factor group that has a gradient, one pair at a time."""
