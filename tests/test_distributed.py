@@ -284,7 +284,7 @@ def _trainer_worker(dump_dir: Path, argv: list[str]) -> int:
     """Launched: ``loft-train`` (its ``main``), with a callback that saves every process's factors and state."""
     from transformers import TrainerCallback
 
-    import loft_peft.train as cli
+    import loft_peft.train.cli as cli
     from loft_peft.trainer import unwrap_loft_optimizer
 
     class SaveEveryProcess(TrainerCallback):

@@ -64,8 +64,12 @@ def test_run_writes_adapter_metrics_plot_and_resolved_config(tiny, tmp_path):
 
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("method", "rank", "steps", "lr", "train_loss", "eval_loss", "eval_perplexity", "tokens_per_second",
-                "seconds_per_step", "peak_memory_mb", "trainable_parameters", "total_parameters", "log_history"):
+                "seconds_per_step", "seconds_per_step_with_eval", "peak_memory_mb", "trainable_parameters",
+                "total_parameters", "log_history", "seed", "target_modules", "versions"):
         assert key in metrics, key
+    assert metrics["target_modules"] == ["down_proj", "k_proj", "q_proj", "up_proj", "v_proj"]  # resolved defaults
+    assert {"loft-peft", "torch", "transformers", "peft"} <= set(metrics["versions"]) and metrics["seed"] == 0
+    assert metrics["seconds_per_step_with_eval"] >= metrics["seconds_per_step"]
     assert (metrics["method"], metrics["rank"], metrics["steps"], metrics["lr"]) == ("loft", 4, 2, 2e-4)
     assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
     assert 0 < metrics["trainable_parameters"] < metrics["total_parameters"]

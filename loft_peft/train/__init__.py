@@ -13,12 +13,12 @@ output folder is touched, files are written atomically, and bad input ends with 
 
 The package, by role: :mod:`.config` (the fields, YAML and the command line), :mod:`.model`, :mod:`.data`,
 :mod:`.outputs` (the output folder, checkpoints, atomic writes), :mod:`.metrics` (logs and ``metrics.json``) and
-:mod:`.main` (the run and the command).
+:mod:`.cli` (the run and the command).
 """
 
 from .config import LOFT_METHODS, METHODS, ConfigError, TrainConfig, config_from_mapping, config_to_yaml, load_config
 from .config import resolve_config
-from .main import main, run
+from .cli import main, run
 from .metrics import format_log
 from .outputs import last_complete_checkpoint, write_atomic
 

@@ -101,6 +101,26 @@ def _parameter_counts(model) -> tuple[int, int]:
     return trainable, total
 
 
+def package_versions() -> dict[str, str]:
+    """The versions of the packages a run's numbers depend on (those installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("loft-peft", "torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes", "trl"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def _resolved_targets(model) -> list[str] | str | None:
+    """The target modules the adapter was placed on (the paper's set for the model type when none were given)."""
+    config = getattr(model, "peft_config", {}).get("default")
+    targets = getattr(config, "target_modules", None)
+    return sorted(targets) if isinstance(targets, (set, list, tuple)) else targets
+
+
 def run_metrics(config, trainer, model, result, final_eval, timer, path, n_train, n_eval, resumed=False) -> dict:
     import torch
 
@@ -139,10 +159,17 @@ def run_metrics(config, trainer, model, result, final_eval, timer, path, n_train
         metrics["tokens_per_second"] = samples_per_step * config.block_size / seconds_per_step
     else:
         metrics["eval_accuracy"] = final_eval.get("eval_accuracy")
+    runtime = result.metrics.get("train_runtime")
+    run_steps = timer.steps or math.nan
     metrics.update(
+        seed=config.seed,
+        target_modules=_resolved_targets(model),
+        versions=package_versions(),
         samples_per_second=samples_per_step / seconds_per_step,
         seconds_per_step=seconds_per_step,
-        train_runtime_seconds=result.metrics.get("train_runtime"),
+        # this run's wall time (evaluation and checkpoints included) over the steps it took
+        seconds_per_step_with_eval=(runtime / run_steps) if runtime is not None else None,
+        train_runtime_seconds=runtime,
         peak_memory_mb=memory,
         peak_memory_kind=memory_kind,
         trainable_parameters=trainable,

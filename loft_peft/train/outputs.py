@@ -200,7 +200,7 @@ def _read_manifest(out: Path) -> list[str]:
 
 def save_outputs(trainer, out: Path, metrics: dict, lora_export: bool) -> None:
     """Adapter (or model) and tokenizer, its LoRA export, metrics.json and loss.png, each moved into place whole."""
-    from ..plotting import plot_loss_curves
+    from ..plotting import plot_run
 
     staging = Path(tempfile.mkdtemp(prefix=".save-", dir=out))
     try:
@@ -220,7 +220,7 @@ def save_outputs(trainer, out: Path, metrics: dict, lora_export: bool) -> None:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     write_atomic(out / METRICS_FILE, json.dumps(metrics, indent=2, default=float) + "\n")
-    plot_loss_curves({f"{metrics['method']} (r={metrics['rank']})" if metrics["rank"] else metrics["method"]:
-                      metrics["log_history"]}, out / PLOT_FILE, title=f"{metrics['model']}")
+    label = f"{metrics['method']} (r={metrics['rank']})" if metrics["rank"] else metrics["method"]
+    plot_run(metrics["log_history"], out / PLOT_FILE, title=f"{metrics['model']}: {label}")
 
 
