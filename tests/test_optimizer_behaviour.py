@@ -434,3 +434,15 @@ def test_a_stale_finite_flag_from_a_skipped_scaler_step_is_not_trusted():
     model(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()
     assert not optimizer.last_step_was_skipped()
+
+
+def test_step_after_clip_reuses_the_clips_finiteness_verdict_without_a_second_reduction(monkeypatch):
+    model = get_peft_model(tiny_llama(0), LoftConfig(r=3, init_weights=False))
+    optimizer = LoftAdamW(loft_param_groups(model), lr=1e-2)
+    ids = _batch(0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.clip_grad_norm_(1e-3)  # clips (scales the gradients in place) and records the verdict after that
+    calls = []
+    monkeypatch.setattr(type(optimizer), "_gradients_finite", lambda self: calls.append(1) or True)
+    optimizer.step()
+    assert calls == [] and not optimizer.last_step_was_skipped()

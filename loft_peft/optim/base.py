@@ -272,16 +272,15 @@ class LoftOptimizerBase(torch.optim.Optimizer):
         """
         norm = self.effective_grad_norm()
         finite = math.isfinite(float(norm))
+        if max_norm is not None and max_norm > 0 and finite:
+            coef = float(max_norm) / (float(norm) + 1e-6)
+            if coef < 1.0:
+                grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+                if grads:
+                    torch._foreach_mul_(grads, coef)
         # The norm covers every gradient step() reads, so step() need not check again while they stay these tensors
         # with these contents (a GradScaler may skip the step, and the next backward make new ones).
         self._caches()["gradients_finite"] = (finite, self._gradient_fingerprint())
-        if max_norm is None or max_norm <= 0 or not finite:
-            return norm
-        coef = float(max_norm) / (float(norm) + 1e-6)
-        if coef < 1.0:
-            grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-            if grads:
-                torch._foreach_mul_(grads, coef)
         return norm
 
     def _bucket_effective_sq_norm(self, group: dict[str, Any], bucket: list[tuple[Tensor, Tensor]]) -> Tensor | None:
@@ -393,7 +392,7 @@ class LoftOptimizerBase(torch.optim.Optimizer):
         if not grads:
             return True
         with autocast_disabled():
-            total = torch.stack([n.float() for n in torch._foreach_norm(grads)]).sum()
+            total = torch.stack([n.float().to(grads[0].device) for n in torch._foreach_norm(grads)]).sum()
         return bool(torch.isfinite(total))
 
     def _step_factor_group(self, group: dict[str, Any]) -> None:
