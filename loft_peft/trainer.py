@@ -281,6 +281,7 @@ class LoftGuardCallback(LoftCallback):
     def __init__(self) -> None:
         super().__init__()
         self._active = False
+        self._undecided = False
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._active = False
