@@ -54,12 +54,14 @@ def test_lora_export_is_a_standard_lora_adapter_holding_the_factors(tmp_path):
 
 
 @pytest.mark.parametrize("kind, config", [("llama", {}), ("llama", {"modules_to_save": ["lm_head"]}),
-                                          ("gpt2", {})])
+                                          ("llama", {"trainable_token_indices": [3, 7]}), ("gpt2", {}),
+                                          ("gpt2", {"bias": "loft_only"})])
 def test_lora_export_loads_without_loft_peft_and_gives_the_loft_outputs(tmp_path, kind, config):
     model = _trained(kind, **config)
-    if config.get("modules_to_save"):
-        with torch.no_grad():
-            model.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)
+    with torch.no_grad():  # what trained besides the factors moves too, so that the export must carry it
+        for name, param in model.named_parameters():
+            if param.requires_grad and "loft_" not in name:
+                param.add_(torch.randn_like(param) * 0.5)
     torch.save({"ids": IDS, "logits": model(input_ids=IDS).logits.detach()}, tmp_path / "expected.pt")
     export_lora(model, tmp_path / "lora")
     (tiny_llama(0) if kind == "llama" else tiny_gpt2(0)).save_pretrained(tmp_path / "base")
