@@ -180,3 +180,8 @@ def test_plain_optim_is_allowed_for_the_baselines():
                                   "vit_base_image_classification"])
 def test_paper_recipes_use_the_authors_eps(name):
     assert load_config(CONFIGS / f"{name}.yaml").trainer_args["adam_epsilon"] == 1e-4
+
+
+def test_flags_take_the_underscore_spelling_of_hf_scripts_too():
+    config, _ = resolve_config(["--max_steps", "7", "--learning_rate", "1e-3", "--adam_epsilon", "1e-6"])
+    assert (config.max_steps, config.learning_rate, config.trainer_args) == (7, 1e-3, {"adam_epsilon": 1e-6})

@@ -446,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
         default = getattr(defaults, f.name)
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
+            *([f"--{f.name}"] if "_" in f.name else []),  # --max_steps as HF's scripts spell it, too
             *FLAG_ALIASES.get(f.name, ()),
             dest=f.name,
             nargs="+" if is_list else None,
