@@ -15,7 +15,8 @@ def test_a_run_with_one_logged_point_draws_it_on_one_axis_with_integer_ticks(tmp
     import matplotlib.pyplot as plt
 
     figures = []
-    monkeypatch.setattr(plt, "close", lambda fig: figures.append(fig))
+    # Keep the figure open to look at it; close("all") calls (a backend switch makes one) are not figures.
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig) if hasattr(fig, "axes") else None)
     plot_run([{"step": 1, "loss": 3.0}, {"step": 1, "eval_loss": 3.1}], tmp_path / "loss.png", title="t")
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (ax,) = figures[0].axes
