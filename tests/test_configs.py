@@ -157,6 +157,8 @@ def test_trainer_options_in_yaml_are_top_level_keys_and_round_trip(tmp_path):
         (["--adam-epsilonn", "1e-4"], "unrecognized arguments: --adam-epsilonn"),
         (["--optim", "adafactor"], "optim is not used with method loft"),
         (["--adam-epsilon", "nan"], "adam_epsilon must be a finite number"),
+        (["--bf16", "true"], "bf16 is managed by loft-train (set precision: bf16)"),
+        (["--eval_strategy", "no"], "eval_strategy is managed by loft-train (it evaluates every eval_steps)"),
     ],
 )
 def test_bad_trainer_options_are_one_line_errors(flags, message):

@@ -217,6 +217,15 @@ MANAGED_TRAINER_ARGS = frozenset({
 })
 
 
+def _managed_error(name: str) -> ConfigError:
+    reason = {
+        "bf16": "set precision: bf16", "fp16": "set precision: fp16",
+        "eval_strategy": "it evaluates every eval_steps", "save_strategy": "it saves every save_steps",
+        "resume_from_checkpoint": "pass --resume", "overwrite_output_dir": "pass --overwrite",
+    }.get(name, "it sets this itself")
+    return ConfigError(f"{name} is managed by loft-train ({reason})")
+
+
 def trainer_options() -> dict[str, argparse.Action]:
     """The TrainingArguments options that pass through, as ``transformers.HfArgumentParser`` declares them.
 
@@ -341,6 +350,8 @@ def config_from_mapping(values: dict[str, Any], *, where: str = "the config", ba
             updates[key] = coerce(key, value, types_[key])
             continue
         passthrough = trainer_options() if passthrough is None else passthrough
+        if key in MANAGED_TRAINER_ARGS:
+            raise _managed_error(key)
         if key not in passthrough:
             raise _unknown_key_error(str(key), where)
         trainer_args[key] = _convert_trainer_value(key, value, passthrough[key], "config key")
@@ -457,6 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
     trainer_group = parser.add_argument_group(
         "TrainingArguments", "Every other transformers.TrainingArguments option, with its own type and default."
     )
+    for name in sorted(MANAGED_TRAINER_ARGS - {f.name for f in dataclasses.fields(TrainConfig)}):
+        # Accepted by the parser only to be refused with the reason, not as an unknown flag.
+        parser.add_argument("--" + name.replace("_", "-"), f"--{name}", dest=f"managed.{name}", nargs="?",
+                            default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     for name, action in trainer_options().items():
         flag = "--" + name.replace("_", "-")
         trainer_group.add_argument(
@@ -484,6 +499,8 @@ def resolve_config(argv: list[str] | None) -> tuple[TrainConfig, argparse.Namesp
     trainer_args = dict(config.trainer_args)
     options = trainer_options()
     for key, value in vars(args).items():
+        if key.startswith("managed."):
+            raise _managed_error(key.removeprefix("managed."))
         if key.startswith("trainer."):
             name = key.removeprefix("trainer.")
             trainer_args[name] = _convert_trainer_value(name, value, options[name], "--" + name.replace("_", "-"))
