@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +61,18 @@ def lora_config(loft_config: dict[str, Any], fan_in_fan_out: bool = False) -> "L
     lora["fan_in_fan_out"] = fan_in_fan_out
     lora["inference_mode"] = True
     return LoraConfig(**lora)  # refuses what LoRA cannot express
+
+
+def _warn_about_biases(loft_config: dict[str, Any]) -> None:
+    if loft_config.get("bias", "none") != "none":
+        warnings.warn(
+            f"The adapter trains biases (bias={loft_config['bias']!r}); the LoRA export holds them (as "
+            "<module>.base_layer.bias), but not every LoRA reader loads them: PEFT 0.21 does, PEFT 0.18 drops them, and "
+            "LoRA servers such as vLLM serve only lora_A / lora_B. Where they are dropped the outputs differ from the "
+            "LoFT model's; train with bias='none' for an adapter to serve.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def lora_state_dict(loft_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -157,6 +170,7 @@ def export_lora(model: torch.nn.Module, path: str | os.PathLike, adapter_name: s
     if adapter_name not in configs:
         raise ValueError(f"the model has no adapter {adapter_name!r} (it has {sorted(configs)})")
     loft_config = configs[adapter_name].to_dict()
+    _warn_about_biases(loft_config)
     fan_in_fan_out = any(m.fan_in_fan_out for m in model.modules() if isinstance(m, LoftLayer))
     config = lora_config(loft_config, fan_in_fan_out=fan_in_fan_out)
     tensors = get_peft_model_state_dict(model, adapter_name=adapter_name)
@@ -187,6 +201,7 @@ def convert_adapter_to_lora(adapter_dir: str | os.PathLike, path: str | os.PathL
         raise ValueError(f"{config_file} is not valid JSON ({error})") from None
     if not isinstance(loft_config, dict):
         raise ValueError(f"{config_file} does not hold a JSON object")
+    _warn_about_biases(loft_config)
     try:
         config = lora_config(loft_config)
     except ValueError as error:

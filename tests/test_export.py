@@ -53,17 +53,26 @@ def test_lora_export_is_a_standard_lora_adapter_holding_the_factors(tmp_path):
     assert "vllm serve" in (tmp_path / "lora" / "README.md").read_text()
 
 
+PEFT_LOADS_LORA_BIASES = tuple(int(x) for x in peft.__version__.split(".")[:2]) >= (0, 21)
+
+
 @pytest.mark.parametrize("kind, config", [("llama", {}), ("llama", {"modules_to_save": ["lm_head"]}),
                                           ("llama", {"trainable_token_indices": [3, 7]}), ("gpt2", {}),
                                           ("gpt2", {"bias": "loft_only"})])
 def test_lora_export_loads_without_loft_peft_and_gives_the_loft_outputs(tmp_path, kind, config):
+    if config.get("bias") and not PEFT_LOADS_LORA_BIASES:
+        pytest.skip(f"peft {peft.__version__} drops a LoRA adapter's trained biases (0.21 loads them)")
     model = _trained(kind, **config)
     with torch.no_grad():  # what trained besides the factors moves too, so that the export must carry it
         for name, param in model.named_parameters():
             if param.requires_grad and "loft_" not in name:
                 param.add_(torch.randn_like(param) * 0.5)
     torch.save({"ids": IDS, "logits": model(input_ids=IDS).logits.detach()}, tmp_path / "expected.pt")
-    export_lora(model, tmp_path / "lora")
+    if config.get("bias"):
+        with pytest.warns(UserWarning, match="not every LoRA reader loads them"):
+            export_lora(model, tmp_path / "lora")
+    else:
+        export_lora(model, tmp_path / "lora")
     (tiny_llama(0) if kind == "llama" else tiny_gpt2(0)).save_pretrained(tmp_path / "base")
     script = textwrap.dedent(
         f"""
