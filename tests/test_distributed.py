@@ -425,4 +425,6 @@ if __name__ == "__main__":
     # python -m tests.test_distributed DUMP_DIR LOFT_TRAIN_ARGS...: loft-train, then the refusal probes.
     code = _trainer_worker(Path(sys.argv[1]), sys.argv[2:])
     _refusal_worker(Path(sys.argv[1]))
+    # Leaving with the process group alive can abort a process at exit (gloo's threads); end it as the command does.
+    torch.distributed.destroy_process_group()
     sys.exit(code)

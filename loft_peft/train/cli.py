@@ -204,3 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"loft-train: wrote {config.output_dir} {json.dumps(summary)}")
     return 0
 
+
+
+def command() -> int:
+    """``loft-train`` and ``python -m loft_peft.train``: :func:`main`, then the end of the process group if a launcher
+    (``accelerate launch``, ``torchrun``) started one, so that no process is left to abort on its threads at exit."""
+    code = main()
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return code
