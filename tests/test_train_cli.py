@@ -387,11 +387,13 @@ def test_default_run_fine_tunes_the_real_smollm2_offline(tmp_path):
     assert metrics["eval_perplexity"] < 200
     assert metrics["trainable_parameters"] < 0.02 * metrics["total_parameters"]
     assert (out / "adapter_model.safetensors").is_file() and (out / "loss.png").is_file()
-    # The adapter names the model, not the local cache folder of its offline copy.
+    # The adapter and its model card name the model, not the local cache folder of its offline copy.
     for folder in (out, out / "lora"):
         assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == (
             "HuggingFaceTB/SmolLM2-135M-Instruct"
         )
+        assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in (folder / "README.md").read_text()
+        assert ".cache" not in (folder / "README.md").read_text()
 
 
 def test_a_trainer_option_from_the_command_line_reaches_the_trainer_and_the_loft_optimizer(tiny, tmp_path):

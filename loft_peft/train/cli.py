@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -139,12 +140,16 @@ def _prepare(config: TrainConfig, callbacks: tuple):
         model_kwargs = dict(num_labels=len(names), id2label=dict(enumerate(names)),
                             label2id={n: i for i, n in enumerate(names)}, ignore_mismatched_sizes=True)
     model = build_model(config, path, model_kwargs)
-    if config.model_name_or_path is None and hasattr(model, "peft_config"):
-        # The offline copy of the default model lives in a local cache; the adapter names the model itself.
+    if config.model_name_or_path is None:
+        # The offline copy of the default model lives in a local cache; the adapter and its card name the model.
         from ..assets import SMOLLM2_HUB_ID
 
-        for peft_config in model.peft_config.values():
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.config.name_or_path = base.name_or_path = SMOLLM2_HUB_ID
+        for peft_config in getattr(model, "peft_config", {}).values():
             peft_config.base_model_name_or_path = SMOLLM2_HUB_ID
+        # PEFT, saving, looks the name up on the (offline) Hub to see whether the vocabulary changed; it did not.
+        warnings.filterwarnings("ignore", message=f"Could not find a config file in {SMOLLM2_HUB_ID}")
     if config.gradient_checkpointing and config.quantization == "none":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
