@@ -53,6 +53,11 @@ INTERNALS: dict[str, str] = {
         "`torch.optim.optimizer.register_optimizer_step_pre_hook` runs its hook before every optimizer's `step()`; "
         "loft_peft warns there when another optimizer trains LoFT factors (optim/guard.py)."
     ),
+    "torch_amp_non_finite_check": (
+        "`torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)` (GradScaler's check) sets "
+        "`found_inf` when any gradient holds a NaN or inf and scales the gradients by `inv_scale`; LoftOptimizerBase "
+        "uses it with a scale of 1 to skip a step on non-finite gradients (optim/base.py)."
+    ),
     "accelerate_state_and_fsdp_plugin": (
         "accelerate's `AcceleratorState._shared_state` is empty until an Accelerator exists; the state has "
         "`distributed_type`, and under FSDP a `fsdp_plugin` with `fsdp_version` and `cpu_ram_efficient_loading` "

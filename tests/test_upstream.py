@@ -184,3 +184,14 @@ def test_upstream_accelerate_state_and_fsdp_plugin():
     assert {"fsdp_version", "cpu_ram_efficient_loading"} <= set(
         inspect.signature(FullyShardedDataParallelPlugin).parameters
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_upstream_torch_amp_non_finite_check(dtype):
+    grads = [torch.ones(3, 2, dtype=dtype), torch.full((4,), 2.0, dtype=dtype)]
+    found, one = torch.zeros(1), torch.ones(1)
+    torch._amp_foreach_non_finite_check_and_unscale_(grads, found, one)
+    assert float(found) == 0.0 and torch.equal(grads[1], torch.full((4,), 2.0, dtype=dtype))  # values unchanged
+    grads[0][1, 1] = float("nan")
+    torch._amp_foreach_non_finite_check_and_unscale_(grads, found, one)
+    assert float(found) == 1.0
