@@ -105,6 +105,14 @@ def pair_marked_factors(group: dict[str, Any]) -> list[dict[str, Any]]:
     return parts
 
 
+def _add_resting_grad(resting: list[Tensor], b_param: Tensor, a_param: Tensor, move_b: bool, move_a: bool) -> None:
+    """Append the gradient of the factor that does not move at the next step, if one rests and has a gradient."""
+    if move_b != move_a:
+        grad = (a_param if move_b else b_param).grad
+        if grad is not None:
+            resting.append(grad.detach())
+
+
 class LoftOptimizerBase(torch.optim.Optimizer):
     """Base class: holds the groups and the state; subclasses implement ``_step_pair`` for one factor pair."""
 
@@ -214,11 +222,9 @@ class LoftOptimizerBase(torch.optim.Optimizer):
         resting: list[Tensor] = []
         self._caches()["gram_pinv"].clear()
         for group in self.param_groups:
-            if group["loft"]:
-                resting += self._resting_grads(group)
             if group["loft"] and group.get("foreach", True):
                 for bucket in self.shape_buckets(group):
-                    sq = self._bucket_effective_sq_norm(group, bucket)
+                    sq = self._bucket_effective_sq_norm(group, bucket, resting)
                     if sq is not None:
                         total = sq if total is None else total + sq.to(total.dtype)
             elif group["loft"]:
@@ -229,6 +235,7 @@ class LoftOptimizerBase(torch.optim.Optimizer):
                     u = b_param.detach().to(dtype)
                     v = a_param.detach().T.to(dtype)
                     move_b, move_a = self._moving(group, b_param)
+                    _add_resting_grad(resting, b_param, a_param, move_b, move_a)
                     if move_b and b_param.grad is not None:
                         sq = maths.effective_grad_sq_norm(b_param.grad.to(dtype), maths.gram_pinv(v))
                         total = sq if total is None else total + sq.to(total.dtype)
@@ -248,18 +255,6 @@ class LoftOptimizerBase(torch.optim.Optimizer):
             guard = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(resting)).to(norm.dtype))
             norm = torch.where(torch.isfinite(guard), norm, guard.to(norm.device))
         return norm
-
-    def _resting_grads(self, group: dict[str, Any]) -> list[Tensor]:
-        """The gradients of the factors that do not move at the next step (none when the group does not alternate)."""
-        if not group.get("alternate", True):
-            return []
-        grads = []
-        for b_param, a_param in self.factor_pairs(group):
-            move_b, _ = self._moving(group, b_param)
-            resting = a_param if move_b else b_param
-            if resting.grad is not None:
-                grads.append(resting.grad.detach())
-        return grads
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
@@ -283,8 +278,12 @@ class LoftOptimizerBase(torch.optim.Optimizer):
         self._caches()["gradients_finite"] = (finite, self._gradient_fingerprint())
         return norm
 
-    def _bucket_effective_sq_norm(self, group: dict[str, Any], bucket: list[tuple[Tensor, Tensor]]) -> Tensor | None:
+    def _bucket_effective_sq_norm(
+        self, group: dict[str, Any], bucket: list[tuple[Tensor, Tensor]], resting: list[Tensor]
+    ) -> Tensor | None:
         """Block 6 for one shape bucket: the pairs moving the same factor next are done in one batched call.
+
+        The gradients of the factors that do not move are appended to ``resting`` (for the finiteness guard).
 
         The pseudo-inverse of each other factor's Gram matrix is kept (with the factors it came from) for the
         ``step()`` that follows, which needs the same matrices and reuses them if the factors have not changed.
@@ -294,6 +293,7 @@ class LoftOptimizerBase(torch.optim.Optimizer):
             if b_param.grad is None and a_param.grad is None:
                 continue
             move_b, move_a = self._moving(group, b_param)
+            _add_resting_grad(resting, b_param, a_param, move_b, move_a)
             if move_b:
                 sides["B"].append((b_param, a_param))
             if move_a:
