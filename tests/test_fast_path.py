@@ -122,6 +122,7 @@ def _padded(x, rank, generator):
 OPTIONS = [
     dict(),
     dict(variant="simple"),
+    dict(variant="simple", simple_rescale=True, lr=3e-3),
     dict(weight_decay=0.1),
     dict(alternate=False),
     dict(calibrate=False),
@@ -140,7 +141,8 @@ def _ids(options):
 )
 def test_fast_path_equals_reference_in_fp32_over_many_steps_and_shapes(options, backend):
     with _backend(backend):
-        problem = _Problem(SHAPES + SHAPES[1:2] * 2, dtype=torch.float32, structured=True, scale=3.0, lr=1e-3, **options)
+        problem = _Problem(SHAPES + SHAPES[1:2] * 2, dtype=torch.float32, structured=True, scale=3.0,
+                           **{"lr": 1e-3, **options})
         start = [p.detach().clone() for p in problem.params[False]]
         worst = 0.0
         for _ in range(30):
@@ -153,7 +155,7 @@ def test_fast_path_equals_reference_in_fp32_over_many_steps_and_shapes(options, 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=_ids)
 def test_fast_path_equals_reference_in_fp64_on_random_gradients(options):
-    problem = _Problem(SHAPES + SHAPES[1:2] * 2, dtype=torch.float64, structured=False, lr=1e-2, **options)
+    problem = _Problem(SHAPES + SHAPES[1:2] * 2, dtype=torch.float64, structured=False, **{"lr": 1e-2, **options})
     for _ in range(20):
         problem.step()
     assert problem.worst_relative_difference() < 1e-10

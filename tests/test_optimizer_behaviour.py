@@ -446,3 +446,41 @@ def test_step_after_clip_reuses_the_clips_finiteness_verdict_without_a_second_re
     monkeypatch.setattr(type(optimizer), "_gradients_finite", lambda self: calls.append(1) or True)
     optimizer.step()
     assert calls == [] and not optimizer.last_step_was_skipped()
+
+
+def test_subspace_norm_scale_gives_the_full_space_step_the_norm_it_has_with_an_orthonormal_other_factor():
+    generator = torch.Generator().manual_seed(0)
+    d = torch.randn(3, 20, 4, generator=generator, dtype=torch.float64)
+    y = torch.randn(3, 12, 4, generator=generator, dtype=torch.float64) * 7.0
+    scale = maths.subspace_norm_scale(d, y)
+    full_space = (scale * d) @ y.mT  # dense (k, l) steps, for the check only
+    torch.testing.assert_close(torch.linalg.matrix_norm(full_space), torch.linalg.matrix_norm(d), rtol=1e-12, atol=0)
+    torch.testing.assert_close(maths.subspace_norm_scale(d, 0.01 * y), scale * 100.0, rtol=1e-12, atol=0)
+    orthonormal = torch.linalg.qr(y).Q
+    torch.testing.assert_close(maths.subspace_norm_scale(d, orthonormal), torch.ones(3, 1, 1, dtype=d.dtype))
+    assert torch.equal(maths.subspace_norm_scale(d, torch.zeros_like(y)), torch.ones(3, 1, 1, dtype=d.dtype))
+
+
+def _first_step_of_w(scale_a, simple_rescale):
+    """How far W = W0 + B A moves in LoFT-simple's first step (B moves off zero), with A scaled by ``scale_a``."""
+    model = get_peft_model(tiny_llama(), LoftConfig(r=4, target_modules=["q_proj"]))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.loft_A["default"].mul_(scale_a)
+    optimizer = create_loft_optimizer(model, lr=1e-3, variant="simple", simple_rescale=simple_rescale)
+    _train(model, optimizer, 1)
+    return float(torch.linalg.matrix_norm(layer.loft_B["default"] @ layer.loft_A["default"]))
+
+
+def test_simple_rescale_makes_loft_simples_step_independent_of_the_other_factors_scale():
+    """The paper's LoFT-simple moves W by about lr |A| (so its rate depends on the factors' scale); rescaled, not."""
+    paper = [_first_step_of_w(c, False) for c in (1.0, 10.0)]
+    rescaled = [_first_step_of_w(c, True) for c in (1.0, 10.0)]
+    assert paper[1] / paper[0] == pytest.approx(10.0, rel=0.05)
+    assert rescaled[1] / rescaled[0] == pytest.approx(1.0, rel=0.05)
+
+
+def test_simple_rescale_with_the_full_variant_is_refused():
+    model = get_peft_model(tiny_llama(), LoftConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="simple_rescale=True applies to variant='simple'"):
+        create_loft_optimizer(model, lr=1e-3, simple_rescale=True)

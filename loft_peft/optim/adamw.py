@@ -67,6 +67,9 @@ class LoftAdamW(LoftOptimizerBase):
         weight_decay: decoupled weight decay.
         variant: ``"full"`` (cross-term second moments, projected full update) or ``"simple"`` (LoFT-simple: calibrated
             first moment, elementwise second moment of the scaled gradient, Adam step applied to the factor).
+        simple_rescale: LoFT-simple only: scale each factor step so that the full-space step has the norm it would
+            have with an orthonormal other factor (:func:`maths.subspace_norm_scale`), so that the learning rate carries
+            over from LoFT and AdamW. ``False`` (the default) is the paper's LoFT-simple exactly.
         alternate: move one factor per step (block 1). ``False`` moves both (the paper's no-alternation ablation).
         calibrate: carry moments across subspace changes (blocks 3-4). ``False`` is the no-calibration ablation.
         foreach: step all same-shape pairs together through :mod:`loft_peft.optim.kernels` (the default), keeping
@@ -90,6 +93,7 @@ class LoftAdamW(LoftOptimizerBase):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         variant: str = "full",
+        simple_rescale: bool = False,
         alternate: bool = True,
         calibrate: bool = True,
         foreach: bool = True,
@@ -98,12 +102,16 @@ class LoftAdamW(LoftOptimizerBase):
         check_common_hyperparameters(lr, betas, eps, weight_decay)
         if variant not in VARIANTS:
             raise ValueError(f"Unknown LoFT-AdamW variant {variant!r}; choose one of {VARIANTS}.")
+        if simple_rescale and variant != "simple":
+            raise ValueError("simple_rescale=True applies to variant='simple' (LoFT-simple) only; LoFT's full "
+                             "variant already takes the projected full-space Adam step.")
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
             eps=eps,
             weight_decay=weight_decay,
             variant=variant,
+            simple_rescale=bool(simple_rescale),
             alternate=bool(alternate),
             calibrate=bool(calibrate),
             foreach=bool(foreach),
@@ -182,13 +190,14 @@ class LoftAdamW(LoftOptimizerBase):
                     eps=eps,
                     floor=maths.second_moment_floor(beta1, beta2),
                 )
-            return maths.simple_adam_direction(
+            simple = maths.simple_adam_direction(
                 state["exp_avg"],
                 state["exp_avg_sq"],
                 bias_correction1=bias_correction1,
                 bias_correction2=bias_correction2,
                 eps=eps,
             )
+            return simple * maths.subspace_norm_scale(simple, other) if group.get("simple_rescale") else simple
 
         # Both directions are computed from the factors as they were at this step before either moves.
         delta_u = direction(state_u, v, gram_pinv_v) if move_b else None
@@ -290,7 +299,8 @@ class LoftAdamW(LoftOptimizerBase):
         )
         workspace = self._caches().setdefault("workspace", kernels.Workspace())
         counters = t["u:step"].dtype == torch.float32 and t["u:moving"].dtype == torch.int64  # as the kernel keeps them
-        if group["alternate"] and counters and native.usable(u):
+        rescale = not full and group.get("simple_rescale", False)
+        if group["alternate"] and counters and not rescale and native.usable(u):
             sides = {"u": (b_params, u, grad_u), "v": (a_params, v, grad_v)}
             if self._step_in_one_native_call(group, stacked, t, sides, move_b, whole, workspace, options):
                 return
@@ -322,7 +332,7 @@ class LoftAdamW(LoftOptimizerBase):
                 beta2=beta2,
                 full=full,
                 workspace=workspace,
-                simple_step=dict(x=x, **options) if moves and not full else None,
+                simple_step=dict(x=x, **options) if moves and not full and not rescale else None,
             )
         if not same_u:
             t["u:prev"].copy_(u)
@@ -330,6 +340,9 @@ class LoftAdamW(LoftOptimizerBase):
             t["v:prev"].copy_(v)
 
         def updated(side: str, x: Tensor, other: Tensor, other_pinv: Tensor) -> list[Tensor]:
+            if rescale:
+                return kernels.simple_adam_update(x, t[side + ":exp_avg"], t[side + ":exp_avg_sq"], rescale_by=other,
+                                                  **options)
             if not full:
                 return simple_steps[side]
             floor = maths.second_moment_floor(beta1, beta2)  # block 5

@@ -63,7 +63,7 @@ def loft_param_groups(model: nn.Module, **factor_group_options: Any) -> list[dic
 
 OPTIMIZERS = ("adamw", "muon")
 # Options create_loft_optimizer passes on to each optimizer class, beyond the ones every optimizer takes.
-ADAMW_OPTIONS = ("foreach", "compile")
+ADAMW_OPTIONS = ("foreach", "compile", "simple_rescale")
 MUON_OPTIONS = ("momentum", "nesterov", "ns_steps", "scale", "adamw_lr")
 
 
@@ -95,7 +95,8 @@ def create_loft_optimizer(
         calibrate: carry moments across subspace changes (blocks 3-4); ``False`` is the no-calibration ablation.
         **options: passed to the optimizer class.
 
-            * ``optimizer="adamw"`` (:class:`LoftAdamW`): ``foreach`` (default ``True``: the batched fast path;
+            * ``optimizer="adamw"`` (:class:`LoftAdamW`): ``simple_rescale`` (LoFT-simple with the learning rate of
+              LoFT; see there), ``foreach`` (default ``True``: the batched fast path;
               ``False``: the per-layer reference path; on x86-64 CPUs with AVX2 or AVX-512, in fp32, the fast path
               runs fused C kernels) and ``compile`` (default ``False``: ``torch.compile`` the elementwise part of the
               fast path's PyTorch operations, used on GPUs and where the C kernels are not used).

@@ -35,7 +35,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from . import native
+from . import maths, native
 
 # Rows of the (k, l) matrices rebuilt at once per layer: about 4 MB of fp32 per temporary, so a 4096 x 14336 layer
 # steps with a few tens of MB of scratch while a typical layer (up to ~1M weights) is done in one block. Smaller
@@ -582,11 +582,18 @@ def simple_adam_update(
     bias_correction1: float,
     bias_correction2: float,
     eps: float,
+    rescale_by: Tensor | None = None,
 ) -> list[Tensor]:
     """``decay * x - lr * maths.simple_adam_direction(...)`` per layer, (k, r) each, in three passes:
     ``m / (sqrt(v) + eps sqrt(bc2))`` times ``sqrt(bc2) / bc1`` is the reference's ``(m / bc1) / (sqrt(v / bc2) + eps)``.
+
+    With ``rescale_by`` (the other factor, (L, l, r)) the direction is scaled by :func:`maths.subspace_norm_scale`.
     """
     denom = torch.sqrt(exp_avg_sq).add_(eps * math.sqrt(bias_correction2))
     base = x * decay if decay != 1.0 else x
     value = -lr * math.sqrt(bias_correction2) / bias_correction1
-    return list(torch.addcdiv(base, exp_avg, denom, value=value).unbind(0))
+    if rescale_by is None:
+        return list(torch.addcdiv(base, exp_avg, denom, value=value).unbind(0))
+    direction = torch.div(exp_avg, denom)
+    scale = maths.subspace_norm_scale(direction, rescale_by)
+    return list(torch.add(base, direction.mul_(scale), alpha=value).unbind(0))

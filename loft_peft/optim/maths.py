@@ -34,6 +34,7 @@ __all__ = [
     "second_moment_floor",
     "projected_adam_direction",
     "simple_adam_direction",
+    "subspace_norm_scale",
     "effective_grad_sq_norm",
     "newton_schulz",
     "newton_schulz_lowrank",
@@ -276,6 +277,30 @@ def simple_adam_direction(
     """
     denom = exp_avg_sq.sqrt().div_(math.sqrt(bias_correction2)).add_(eps)
     return (exp_avg / bias_correction1).div_(denom)
+
+
+def subspace_norm_scale(direction: Tensor, y: Tensor) -> Tensor:
+    """LoFT-simple's rescaling (``simple_rescale=True``): ``s = ||d||_F / ||d y^T||_F`` per layer.
+
+    LoFT-simple's factor step ``lr * d`` (``d`` Adam-normalised on the factor, entries of order 1) moves the weight by
+    ``lr * d y^T``, whose size grows with the other factor's scale: ``W`` moves by about ``lr * |y|`` where LoFT moves
+    it by about ``lr``, so LoFT-simple's learning rate does not carry over from LoFT or AdamW. Scaling the step by
+    ``s`` gives the full-space step the Frobenius norm ``lr ||d||_F`` it would have if ``y`` had orthonormal columns,
+    which is the size of a full-space Adam step projected onto the r-dimensional subspace (what LoFT's block 5 takes).
+    ``s = 1`` for an orthonormal ``y``, and ``s`` is invariant to rescaling ``y``. Cost O((k + l) r^2):
+    ``||d y^T||_F^2 = sum((d^T d) ⊙ (y^T y))``. A zero ``d`` or ``y`` (no step either way) gives ``s = 1``.
+
+    Args:
+        direction: ``d``, shape (..., k, r).
+        y: the other factor, shape (..., l, r).
+
+    Returns:
+        ``s``, shape (..., 1, 1).
+    """
+    d_gram = direction.mT @ direction  # (..., r, r)
+    full_sq = (d_gram * (y.mT @ y)).sum((-2, -1), keepdim=True)
+    factor_sq = d_gram.diagonal(dim1=-2, dim2=-1).sum(-1)[..., None, None]
+    return torch.where(full_sq > 0, (factor_sq / full_sq.clamp_min(torch.finfo(y.dtype).tiny)).sqrt(), 1.0)
 
 
 def effective_grad_sq_norm(grad: Tensor, other_gram_pinv: Tensor) -> Tensor:

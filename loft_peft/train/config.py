@@ -52,6 +52,11 @@ class TrainConfig:
     )
     loft_alternate: bool = field(default=True, metadata={"help": "LoFT: move one factor per step (block 1)."})
     loft_calibrate: bool = field(default=True, metadata={"help": "LoFT: calibrate the moments (blocks 3-4)."})
+    loft_simple_rescale: bool = field(
+        default=False,
+        metadata={"help": "loft-simple: scale each factor step to the norm of the projected full-space Adam step, so "
+                          "that LoFT's and AdamW's learning rates carry over; false: the paper's LoFT-simple."},
+    )
     quantization: str = field(
         default="none", metadata={"help": "Base-model quantization: none or 4bit (NF4, bitsandbytes)."}
     )
@@ -142,6 +147,12 @@ class TrainConfig:
             raise ConfigError(f"dropout must lie in [0, 1); got {self.dropout}")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise ConfigError(f"lora_alpha must be > 0; got {self.lora_alpha}")
+        if self.loft_simple_rescale and self.method != "loft-simple":
+            raise ConfigError(f"loft_simple_rescale applies to method loft-simple only; the method is {self.method}")
+        for name in ("loft_alternate", "loft_calibrate"):
+            if not getattr(self, name) and self.method not in LOFT_METHODS:
+                raise ConfigError(f"{name}: false applies to the LoFT methods ({', '.join(LOFT_METHODS)}) only; the "
+                                  f"method is {self.method}")
         if self.text_template is not None:
             template_fields(self.text_template)
         from ..quantization import check_quantization

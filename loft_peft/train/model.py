@@ -124,6 +124,7 @@ def loft_optimizer_kwargs(config: TrainConfig) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"alternate": config.loft_alternate, "calibrate": config.loft_calibrate}
     if config.method == "loft-simple":
         kwargs["variant"] = "simple"
+        kwargs["simple_rescale"] = config.loft_simple_rescale
     if config.method == "loft-muon":
         kwargs["optimizer"] = "muon"
     return kwargs
