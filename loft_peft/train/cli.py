@@ -47,7 +47,7 @@ def run(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, c
     out = Path(config.output_dir)
     existed = out.exists()
     try:
-        trainer, timer, model, path, sizes = _prepare(config, callbacks)
+        trainer, timer, model, path, sizes, related = _prepare(config, callbacks)
     except (ValueError, TypeError, OSError, ImportError, RuntimeError) as err:
         # The Trainer creates output_dir when it is built; a run that fails before training leaves nothing.
         if not existed and out.is_dir() and not any(out.iterdir()):
@@ -67,6 +67,9 @@ def run(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, c
         write_atomic(out / CONFIG_FILE, config_to_yaml(config))
     trainer.accelerator.wait_for_everyone()
 
+    related_before = None  # (the Trainer starts a new log at train(), so this is kept here)
+    if related is not None and config.eval_on_start and checkpoint is None:
+        related_before = trainer.evaluate(related, metric_key_prefix="related_eval")["related_eval_loss"]
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     # When the Trainer's schedule already evaluated at the last step, that is the final evaluation.
     final_eval = next((h for h in reversed(trainer.state.log_history)
@@ -75,6 +78,13 @@ def run(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, c
         final_eval = trainer.evaluate()
 
     metrics = run_metrics(config, trainer, model, result, final_eval, timer, path, *sizes, resumed=checkpoint is not None)
+    if related is not None:
+        from ..data import perplexity
+
+        after = trainer.evaluate(related, metric_key_prefix="related_eval")["related_eval_loss"]
+        metrics.update(related_eval_data=list(config.related_eval_data_files), related_eval_examples=len(related),
+                       related_eval_loss=after, related_eval_perplexity=perplexity(after),
+                       related_eval_loss_before_training=related_before)
     if main_process:
         save_outputs(trainer, out, metrics, config.export_lora and config.method in LOFT_METHODS)
     trainer.accelerator.wait_for_everyone()
@@ -175,7 +185,12 @@ def _prepare(config: TrainConfig, callbacks: tuple):
     else:
         trainer = Trainer(**trainer_kwargs)
     readable_logs(trainer)
-    return trainer, timer, model, path, (len(train_ds), len(eval_ds))
+    related = None
+    if config.related_eval_data_files:
+        from .data import held_out_blocks
+
+        related = held_out_blocks(config, processor, config.related_eval_data_files)
+    return trainer, timer, model, path, (len(train_ds), len(eval_ds)), related
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,6 +78,16 @@ class TrainConfig:
         default=None, metadata={"help": "Split to evaluate on; none: hold out eval_fraction of the training data."}
     )
     eval_fraction: float = field(default=0.05, metadata={"help": "Share held out for evaluation, in (0, 1)."})
+    eval_data_files: list[str] | None = field(
+        default=None,
+        metadata={"help": "causal-lm: local files to evaluate on (same format as data_files), instead of holding out "
+                          "eval_fraction of the training data."},
+    )
+    related_eval_data_files: list[str] | None = field(
+        default=None,
+        metadata={"help": "causal-lm: local files of a related but different text, also evaluated before (with "
+                          "eval_on_start) and after training; metrics.json reports related_eval_loss."},
+    )
     text_column: str = field(default="text", metadata={"help": "causal-lm: the column holding the text."})
     text_template: str | None = field(
         default=None,
@@ -561,7 +571,14 @@ def check_inputs(config: TrainConfig) -> None:
     """
     from ..data import is_empty_file
 
-    for name in config.data_files or []:
+    if config.task != "causal-lm" and (config.eval_data_files or config.related_eval_data_files):
+        raise ConfigError("eval_data_files and related_eval_data_files apply to task causal-lm only")
+    for option in ("eval_data_files", "related_eval_data_files"):
+        if getattr(config, option) is not None and not getattr(config, option):
+            raise ConfigError(f"{option} is empty; give at least one file or none")
+    if config.eval_data_files and config.eval_split is not None:
+        raise ConfigError("give eval_data_files or eval_split, not both")
+    for name in [*(config.data_files or []), *(config.eval_data_files or []), *(config.related_eval_data_files or [])]:
         if not Path(name).is_file():
             raise ConfigError(f"data file {name!r} not found")
         if config.task == "causal-lm" and is_empty_file(Path(name)):
@@ -575,7 +592,8 @@ def check_inputs(config: TrainConfig) -> None:
     if config.task == "image-classification" and config.data_files is None and config.dataset_name is None:
         raise ConfigError("task image-classification needs data_files or dataset_name")
     if config.text_template and config.task == "causal-lm" and config.data_files is not None and not all(
-            str(f).endswith((".json", ".jsonl")) for f in config.data_files):
+            str(f).endswith((".json", ".jsonl"))
+            for f in [*config.data_files, *(config.eval_data_files or []), *(config.related_eval_data_files or [])]):
         raise ConfigError("text_template needs JSON records: give .json or .jsonl data_files")
     if config.quantization == "4bit":
         import importlib.util

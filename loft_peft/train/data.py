@@ -7,8 +7,14 @@ from .config import ConfigError, TrainConfig, template_fields
 
 
 # ====================================================================================================== data
-def _load_raw(config: TrainConfig, split: str):
+def _load_raw(config: TrainConfig, split: str, files: list[str] | None = None):
+    """The records of ``split``, or of the local ``files`` when given (read as data_files would be)."""
     from datasets import load_dataset
+
+    if files is not None:
+        import dataclasses
+
+        config = dataclasses.replace(config, data_files=list(files), dataset_name=None)
 
     if config.task == "image-classification":
         if config.dataset_name is not None:
@@ -62,6 +68,10 @@ def build_lm_data(config: TrainConfig, tokenizer):
 
     raw = _apply_template(config, _load_raw(config, config.train_split))
     column = "text" if config.text_template else config.text_column
+    if config.eval_data_files:
+        train = _all_blocks(tokenizer, raw, config).shuffle(seed=config.seed)
+        evaluation = held_out_blocks(config, tokenizer, config.eval_data_files)
+        return _truncate(train, config.max_train_examples), evaluation
     if config.eval_split is None:
         return build_lm_datasets(tokenizer, raw, block_size=config.block_size, eval_fraction=config.eval_fraction,
                                  seed=config.seed, max_train_blocks=config.max_train_examples,
@@ -69,6 +79,16 @@ def build_lm_data(config: TrainConfig, tokenizer):
     train = _all_blocks(tokenizer, raw, config).shuffle(seed=config.seed)
     evaluation = _all_blocks(tokenizer, _apply_template(config, _load_raw(config, config.eval_split)), config)
     return _truncate(train, config.max_train_examples), _truncate(evaluation, config.max_eval_examples)
+
+
+def held_out_blocks(config: TrainConfig, tokenizer, files: list[str]):
+    """The blocks of the local ``files`` (at most ``max_eval_examples``) for an evaluation: the same blocks whatever
+    the run's seed, so that runs with different seeds are evaluated on the same text."""
+    import dataclasses
+
+    fixed = dataclasses.replace(config, seed=0)
+    return _truncate(_all_blocks(tokenizer, _apply_template(fixed, _load_raw(fixed, "eval", files)), fixed),
+                     config.max_eval_examples)
 
 
 def _truncate(dataset, limit: int | None):
