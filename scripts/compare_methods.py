@@ -77,8 +77,8 @@ def task_arguments(task: str) -> tuple[list[str], str]:
         related = [str(p) for p in shakespeare_files("histories")]
         return (["--data-files", *train, "--eval-data-files", *map(str, held_out),
                  "--related-eval-data-files", *related],
-                f"Shakespeare's plays except the histories, {len(train)} for training; held out: one play of each genre "
-                f"({', '.join(p.stem for p in held_out)}); related text: the 11 histories")
+                f"Shakespeare's plays except the histories, {len(train)} for training; held out: one play of each "
+                f"genre ({', '.join(p.stem for p in held_out)}); related text: the 11 histories")
     from loft_peft.assets import gsm8k_files
 
     files = gsm8k_files()
@@ -312,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", default="runs/compare")
     parser.add_argument("--name", default=None,
                         help="write NAME.json, NAME.md, NAME_lr.png and NAME_curves.png (default: in --output-dir)")
+    parser.add_argument("--markdown", default=None, help="write the tables here instead of NAME.md")
+    parser.add_argument("--plot", default=None, help="write the loss curves here instead of NAME_curves.png")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each is its own process)")
     parser.add_argument("--threads", type=int, default=0,
                         help="OMP_NUM_THREADS per run; 0 leaves torch's default. On a busy machine 1 is much faster: "
@@ -362,12 +364,15 @@ def main(argv: list[str] | None = None) -> int:
     follow += [spec(m, best[m]["lr"], "eps", eps=e) for m in args.eps_methods if m in best for e in args.epsilons]
     run_all(follow)
 
-    write_atomic(Path(name + ".md"), markdown(records, args, command, description))
+    tables = Path(args.markdown or name + ".md")
+    tables.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(tables, markdown(records, args, command, description))
     plot_sweep(records, name + "_lr.png", f"{records[0]['model']}, {args.task}, r={args.rank}, "
                                            f"{records[0]['steps']} steps")
     curves = {f"{m} lr={r['lr']:g}": r["log_history"] for m, r in best_by_method(records).items()}
-    plot_loss_curves(curves, name + "_curves.png", title=f"{args.task}, r={args.rank}: each method at its best rate")
-    print(Path(name + ".md").read_text())
+    plot_loss_curves(curves, args.plot or name + "_curves.png",
+                     title=f"{args.task}, r={args.rank}: each method at its best rate")
+    print(tables.read_text())
     return 0
 
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch import nn
 
-from loft_peft.optim import kernels, maths, native
+from loft_peft.optim import device, kernels, maths, native
 from loft_peft.optim.adamw import LoftAdamW
 
 # (out, in, r): r = 1, r > min(m, n) / 2, r = min(m, n), r > min(m, n) (a singular Gram matrix: the pseudo-inverse),
@@ -29,15 +29,18 @@ from loft_peft.optim.adamw import LoftAdamW
 SHAPES = [(64, 48, 1), (64, 48, 4), (48, 64, 8), (20, 12, 7), (12, 9, 9), (12, 9, 11), (33, 17, 16)]
 
 
-BACKENDS = ["native", "onednn", "bmm"]
+# "device": the path of every device but the CPU (no host reads, updates cancelled on the device), on CPU tensors.
+BACKENDS = ["native", "onednn", "bmm", "device"]
 
 
 @contextlib.contextmanager
 def _backend(name):
-    """Use the fused C kernels, oneDNN's GEMMs or torch.bmm for the large work (skipping a backend absent here)."""
-    saved = kernels.USE_ONEDNN, native.USE_NATIVE
+    """Use the fused C kernels, oneDNN's GEMMs, torch.bmm or the device path for the large work (skipping a backend
+    absent here)."""
+    saved = kernels.USE_ONEDNN, native.USE_NATIVE, device._DEVICE_PATH_ON_CPU
     kernels.USE_ONEDNN = None if name == "onednn" else False
     native.USE_NATIVE = None if name == "native" else False
+    device._DEVICE_PATH_ON_CPU = name == "device"
     try:
         if name == "onednn" and not kernels._onednn_available():
             pytest.skip("this PyTorch build has no usable oneDNN")
@@ -45,7 +48,7 @@ def _backend(name):
             pytest.skip("the native kernels could not be built here (no C compiler?)")
         yield
     finally:
-        kernels.USE_ONEDNN, native.USE_NATIVE = saved
+        kernels.USE_ONEDNN, native.USE_NATIVE, device._DEVICE_PATH_ON_CPU = saved
 
 
 @pytest.fixture(params=BACKENDS)
@@ -136,7 +139,8 @@ def _ids(options):
 
 @pytest.mark.parametrize(
     "options, backend",
-    [(OPTIONS[0], "bmm"), (OPTIONS[1], "bmm"), (OPTIONS[0], "onednn")] + [(options, "native") for options in OPTIONS],
+    [(OPTIONS[0], "bmm"), (OPTIONS[1], "bmm"), (OPTIONS[0], "onednn")]
+    + [(options, backend) for options in OPTIONS for backend in ("native", "device")],
     ids=lambda x: _ids(x) if isinstance(x, dict) else x,
 )
 def test_fast_path_equals_reference_in_fp32_over_many_steps_and_shapes(options, backend):
@@ -427,7 +431,7 @@ def test_update_cross_terms_equals_reference(backend, dtype, tolerance, rank, ro
     cross = kernels.packed_outer(torch.rand(2, rows, rank, generator=generator, dtype=dtype))
     for calibration in (calib, None):
         updated = cross.clone()
-        kernels.update_cross_terms_(updated, calibration, kernels.packed_outer(scaled), 0.99)
+        kernels.update_cross_terms_(updated, calibration, scaled, 0.99)
         for i in range(2):
             congruence = None if calibration is None else maths.packed_congruence(calibration[i])
             expected = maths.update_cross_terms(cross[i], congruence, scaled[i], 0.99)
@@ -493,6 +497,8 @@ def test_projected_adam_update_allocates_no_temporary_larger_than_a_block(backen
     """No single allocation comes near the (k, l) size: the full update never exists whole. The torch paths hold a
     block of rows (small here) and the (R, l) Khatri-Rao matrix; the native kernels only that matrix and the other
     factor's (r, l) two, no row block at all."""
+    if backend == "device":
+        pytest.skip("the device path sizes its blocks by memory_budget: tests/test_gpu_path.py checks that bound")
     rows, length, rank = 512, 384, 4
     x, exp_avg, cross, y = _direction_inputs(torch.float32, layers=1, rows=rows, length=length, rank=rank)
     pinv = torch.stack([maths.gram_pinv(layer) for layer in y])

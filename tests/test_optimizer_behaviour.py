@@ -2,6 +2,7 @@
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from peft import get_peft_model
 from torch import nn
 
 from loft_peft import LoftAdamW, LoftConfig, create_loft_optimizer
-from loft_peft.optim import loft_param_groups, maths
+from loft_peft.optim import device, loft_param_groups, maths
 
 from .conftest import tiny_llama
 
@@ -387,8 +388,12 @@ def test_pairs_out_of_step_gather_and_scatter_on_each_tensors_own_device():
 
 # ------------------------------------------------------------------------------------------- non-finite gradients
 @pytest.mark.parametrize("clip_first", [False, True])
-@pytest.mark.parametrize("foreach", [False, True])
-def test_a_step_on_a_nan_gradient_is_skipped_and_the_run_goes_on_as_without_it(clip_first, foreach):
+@pytest.mark.parametrize("foreach, device_path", [(False, False), (True, False), (True, True)])
+def test_a_step_on_a_nan_gradient_is_skipped_and_the_run_goes_on_as_without_it(clip_first, foreach, device_path,
+                                                                                monkeypatch):
+    # device_path: the GPU's way (no host read; the step runs cancelled on the device and the host learns the
+    # verdict later, then puts the step counts and phases back), here on CPU tensors.
+    monkeypatch.setattr(device, "_DEVICE_PATH_ON_CPU", device_path)
     runs = []
     for poison in (False, True):
         model = get_peft_model(tiny_llama(0), LoftConfig(r=3, init_weights=False))
@@ -404,7 +409,8 @@ def test_a_step_on_a_nan_gradient_is_skipped_and_the_run_goes_on_as_without_it(c
                     if clip_first:
                         optimizer.clip_grad_norm_(1.0)
                     optimizer.step()
-                assert optimizer.last_step_was_skipped()
+                    assert optimizer.last_step_was_skipped()
+                assert optimizer.skipped_steps == 1
                 assert all(torch.equal(factors[n], p) for n, p in _factors(model).items())
                 after = optimizer.state_dict()["state"]
                 assert all(torch.equal(v, after[i][k]) for i, s in before["state"].items() for k, v in s.items())
@@ -443,7 +449,7 @@ def test_step_after_clip_reuses_the_clips_finiteness_verdict_without_a_second_re
     model(input_ids=ids, labels=ids).loss.backward()
     optimizer.clip_grad_norm_(1e-3)  # clips (scales the gradients in place) and records the verdict after that
     calls = []
-    monkeypatch.setattr(type(optimizer), "_gradients_finite", lambda self: calls.append(1) or True)
+    monkeypatch.setattr(type(optimizer), "_gradients_finite", lambda *args, **kwargs: calls.append(1) or True)
     optimizer.step()
     assert calls == [] and not optimizer.last_step_was_skipped()
 
@@ -469,7 +475,7 @@ def _first_step_of_w(scale_a, simple_rescale):
         layer.loft_A["default"].mul_(scale_a)
     optimizer = create_loft_optimizer(model, lr=1e-3, variant="simple", simple_rescale=simple_rescale)
     _train(model, optimizer, 1)
-    return float(torch.linalg.matrix_norm(layer.loft_B["default"] @ layer.loft_A["default"]))
+    return float(torch.linalg.matrix_norm(layer.loft_B["default"] @ layer.loft_A["default"]).detach())
 
 
 def test_simple_rescale_makes_loft_simples_step_independent_of_the_other_factors_scale():
@@ -484,3 +490,63 @@ def test_simple_rescale_with_the_full_variant_is_refused():
     model = get_peft_model(tiny_llama(), LoftConfig(r=4, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="simple_rescale=True applies to variant='simple'"):
         create_loft_optimizer(model, lr=1e-3, simple_rescale=True)
+
+
+@pytest.mark.parametrize("device_path", [False, True])
+def test_many_skipped_steps_in_a_row_raise_an_error_naming_the_layer(device_path, monkeypatch):
+    monkeypatch.setattr(device, "_DEVICE_PATH_ON_CPU", device_path)
+    model = get_peft_model(tiny_llama(0), LoftConfig(r=3, target_modules=["q_proj"], init_weights=False))
+    optimizer = create_loft_optimizer(model, lr=1e-2, max_consecutive_skips=3)
+    poisoned = next(n for n, p in model.named_parameters() if "loft_A" in n)
+    with pytest.warns(RuntimeWarning, match="skipped"), pytest.raises(FloatingPointError) as error:
+        for step in range(5):
+            ids = _batch(step)
+            model(input_ids=ids, labels=ids).loss.backward()
+            dict(model.named_parameters())[poisoned].grad[0, 0] = float("inf")
+            optimizer.clip_grad_norm_(1.0)
+            optimizer.step()
+            optimizer.last_step_was_skipped()
+    assert "the last 3 steps were skipped" in str(error.value) and poisoned in str(error.value)
+
+
+def test_the_skip_count_is_checkpointed_and_a_finite_step_ends_the_run_of_skips():
+    model = get_peft_model(tiny_llama(0), LoftConfig(r=3, target_modules=["q_proj"], init_weights=False))
+    optimizer = create_loft_optimizer(model, lr=1e-2, max_consecutive_skips=2)
+    for step, poison in enumerate([True, False, True, False]):  # never two in a row: no error
+        ids = _batch(step)
+        model(input_ids=ids, labels=ids).loss.backward()
+        if poison:
+            next(p for n, p in model.named_parameters() if "loft_B" in n).grad[0, 0] = float("nan")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            optimizer.step()
+        optimizer.zero_grad()
+    assert optimizer.skipped_steps == 2
+    restored = create_loft_optimizer(model, lr=1e-2)
+    restored.load_state_dict(optimizer.state_dict())
+    assert restored.skipped_steps == 2
+
+
+@pytest.mark.parametrize("foreach, device_path", [(True, False), (False, False), (True, True)])
+def test_the_optimizer_says_which_implementation_ran_the_step(foreach, device_path, monkeypatch, caplog):
+    from loft_peft.optim import native
+
+    monkeypatch.setattr(device, "_DEVICE_PATH_ON_CPU", device_path)
+    model = get_peft_model(tiny_llama(0), LoftConfig(r=3, target_modules=["q_proj"], init_weights=False))
+    optimizer = create_loft_optimizer(model, lr=1e-2, foreach=foreach)
+    assert optimizer.backend is None
+    with caplog.at_level("INFO", logger="loft_peft"):
+        for step in range(2):
+            ids = _batch(step)
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    if not foreach:
+        expected = "per-layer PyTorch"
+    elif device_path:
+        expected = "batched PyTorch, device path (cpu)"
+    else:
+        expected = "native C kernels (CPU, fp32)" if native.enabled() else "batched PyTorch (cpu)"
+    assert optimizer.backend == expected
+    messages = [r.getMessage() for r in caplog.records if r.name == "loft_peft"]
+    assert messages == [f"LoftAdamW: this step ran on {expected}."]

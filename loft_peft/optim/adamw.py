@@ -14,31 +14,36 @@ from .base import (
     MOVE_A,
     MOVE_B,
     LoftOptimizerBase,
-    grad_or_zeros,
     check_common_hyperparameters,
+    factor_versions,
+    grad_or_zeros,
     maths_dtype,
     stack_factors,
 )
+from .device import takes_device_path
 
 VARIANTS = ("full", "simple")
 
 
-def _row_index(positions: list[int], device: torch.device, cache: dict[torch.device, Tensor]) -> Tensor:
-    if device not in cache:
-        cache[device] = torch.tensor(positions, device=device)
-    return cache[device]
+def _row_index(positions: list[int], device: torch.device, cache: dict) -> Tensor:
+    """The index tensor of ``positions`` on ``device``, made once: a host-to-device copy waits for the device."""
+    key = (tuple(positions), device)
+    if key not in cache:
+        cache[key] = torch.tensor(positions, device=device)
+    return cache[key]
 
 
-def gather_rows(tensors: dict[str, Tensor], positions: list[int]) -> dict[str, Tensor]:
+def gather_rows(tensors: dict[str, Tensor], positions: list[int], cache: dict | None = None) -> dict[str, Tensor]:
     """Rows ``positions`` of every stacked state tensor, each indexed on its own device (the step counts and phases
-    may live on the CPU while the moments are on a GPU)."""
-    cache: dict[torch.device, Tensor] = {}
+    live on the CPU while the moments may be on a GPU). ``cache`` keeps the index tensors between steps."""
+    cache = {} if cache is None else cache
     return {key: value.index_select(0, _row_index(positions, value.device, cache)) for key, value in tensors.items()}
 
 
-def scatter_rows(tensors: dict[str, Tensor], part: dict[str, Tensor], positions: list[int]) -> None:
+def scatter_rows(tensors: dict[str, Tensor], part: dict[str, Tensor], positions: list[int],
+                 cache: dict | None = None) -> None:
     """Write :func:`gather_rows`' rows back into the stacked state, each on its own device."""
-    cache: dict[torch.device, Tensor] = {}
+    cache = {} if cache is None else cache
     for key, value in part.items():
         tensors[key].index_copy_(0, _row_index(positions, tensors[key].device, cache), value)
 
@@ -78,6 +83,10 @@ class LoftAdamW(LoftOptimizerBase):
             compiler is found (set ``LOFT_PEFT_NATIVE=0`` to use PyTorch operations). ``False`` steps each pair
             through the reference functions of :mod:`loft_peft.optim.maths`; all give the same results up to fp32
             rounding, and their checkpoints are interchangeable.
+        memory_budget: on GPUs (every device but the CPU), the bytes a step's temporaries may take beyond the state;
+            row blocks are as large as this allows (default 256 MiB).
+        max_consecutive_skips: steps skipped in a row for NaN or inf gradients after which ``step()`` raises an error
+            naming the layers whose gradients are not finite.
         compile: with ``foreach`` on the PyTorch path (GPUs, or CPUs without the native kernels), fuse Adam's
             elementwise step of the full-space rebuild (block 5) into one pass per row block with ``torch.compile``
             instead of five eager passes. Off by default because the first step then waits for a compilation
@@ -98,8 +107,14 @@ class LoftAdamW(LoftOptimizerBase):
         calibrate: bool = True,
         foreach: bool = True,
         compile: bool = False,
+        memory_budget: int = kernels.DEFAULT_MEMORY_BUDGET,
+        max_consecutive_skips: int = 20,
     ):
         check_common_hyperparameters(lr, betas, eps, weight_decay)
+        if not isinstance(memory_budget, int) or isinstance(memory_budget, bool) or memory_budget < 1 << 20:
+            raise ValueError(f"Invalid memory_budget: {memory_budget!r}; give a number of bytes >= 1 MiB.")
+        if not isinstance(max_consecutive_skips, int) or max_consecutive_skips < 1:
+            raise ValueError(f"Invalid max_consecutive_skips: {max_consecutive_skips!r}; give an integer >= 1.")
         if variant not in VARIANTS:
             raise ValueError(f"Unknown LoFT-AdamW variant {variant!r}; choose one of {VARIANTS}.")
         if simple_rescale and variant != "simple":
@@ -116,6 +131,8 @@ class LoftAdamW(LoftOptimizerBase):
             calibrate=bool(calibrate),
             foreach=bool(foreach),
             compile=bool(compile),
+            memory_budget=memory_budget,
+            max_consecutive_skips=max_consecutive_skips,
         )
         super().__init__(params, defaults)
 
@@ -211,14 +228,17 @@ class LoftAdamW(LoftOptimizerBase):
             state_u["moving"] = torch.tensor(MOVE_A if move_b else MOVE_B)
 
     # ------------------------------------------------------------------------------------------ batched fast path
-    def _step_factor_group(self, group: dict[str, Any]) -> None:
+    def _cancels_on_device(self) -> bool:
+        return all(group.get("foreach", True) for group in self.param_groups if group["loft"])
+
+    def _step_factor_group(self, group: dict[str, Any], ok: Tensor | None = None) -> None:
         if not group.get("foreach", True):
             super()._step_factor_group(group)
             return
         for bucket in self.shape_buckets(group):
-            self._step_bucket(group, bucket)
+            self._step_bucket(group, bucket, ok)
 
-    def _step_bucket(self, group: dict[str, Any], bucket: list[tuple[Tensor, Tensor]]) -> None:
+    def _step_bucket(self, group: dict[str, Any], bucket: list[tuple[Tensor, Tensor]], ok: Tensor | None) -> None:
         """Step the pairs of one shape bucket that have gradients, all at once when they share phase and step."""
         active = [i for i, (b, a) in enumerate(bucket) if b.grad is not None or a.grad is not None]
         if not active:
@@ -230,22 +250,24 @@ class LoftAdamW(LoftOptimizerBase):
                 u, v = b_param.detach().to(dtype), a_param.detach().T.to(dtype)
                 self._init_pair_state(group, b_param, a_param, u, v)
         stacked = self._stacked_state(group, bucket)
-        phases, steps = stacked.tensors["u:moving"].tolist(), stacked.tensors["u:step"].tolist()
+        self.note_counters(stacked.tensors["u:step"], stacked.tensors["u:moving"])
+        phases, steps = stacked.tensors["u:moving"].tolist(), stacked.tensors["u:step"].tolist()  # on the CPU
         parts: dict[tuple[int, float], list[int]] = {}
         for i in active:
             position = stacked.position[i]
             parts.setdefault((phases[position], steps[position]), []).append(position)
         if len(parts) == 1 and len(active) == len(stacked.members):
             (phase, step), _ = parts.popitem()
-            self._step_stacked(group, stacked, stacked.tensors, stacked.members, phase, step, whole=True)
+            self._step_stacked(group, stacked, stacked.tensors, stacked.members, phase, step, whole=True, ok=ok)
             return
         # Pairs out of step with the rest (one had no gradient at some step): gather, step, scatter back.
-        stacked.gram_pinv = None
+        stacked.gram_pinv = stacked.written = None
+        index_cache = self._caches().setdefault("row_index", {})
         for (phase, step), positions in parts.items():
-            part = gather_rows(stacked.tensors, positions)
+            part = gather_rows(stacked.tensors, positions, index_cache)
             members = [stacked.members[p] for p in positions]
-            self._step_stacked(group, stacked, part, members, phase, step, whole=False)
-            scatter_rows(stacked.tensors, part, positions)
+            self._step_stacked(group, stacked, part, members, phase, step, whole=False, ok=ok)
+            scatter_rows(stacked.tensors, part, positions, index_cache)
 
     def _stacked_state(self, group: dict[str, Any], bucket: list[tuple[Tensor, Tensor]]) -> _StackedState:
         """The bucket's stacked state, (re)built when ``optimizer.state`` no longer holds exactly its views."""
@@ -266,6 +288,7 @@ class LoftAdamW(LoftOptimizerBase):
         phase: int,
         step: float,
         whole: bool,
+        ok: Tensor | None = None,
     ) -> None:
         """One step of L pairs in the same phase and step, with state ``t`` stacked along dim 0 (updated in place).
 
@@ -273,6 +296,11 @@ class LoftAdamW(LoftOptimizerBase):
         kernels an alternating step (either variant) is a single call (:meth:`_step_in_one_native_call`). ``whole``
         says that ``t`` is the bucket's own stacked state (not a gathered part of it), whose cached Gram
         pseudo-inverses can then be used and renewed.
+
+        On the device path (:func:`takes_device_path`) nothing is read back on the host: whether a factor changed since
+        the last step comes from the parameters' version counters (and, per layer, from a comparison kept on the
+        device), and with ``ok`` (the device verdict on the gradients, 0-dim bool) every update is cancelled on the
+        device where it is false.
         """
         beta1, beta2 = group["betas"]
         lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
@@ -285,6 +313,9 @@ class LoftAdamW(LoftOptimizerBase):
         v = stack_factors(a_params, dtype).transpose(1, 2)  # (L, n, r)
         grad_u = stack_factors([grad_or_zeros(b) for b in b_params], dtype)
         grad_v = stack_factors([grad_or_zeros(a) for a in a_params], dtype).transpose(1, 2)
+        on_device = takes_device_path(u)
+        if ok is not None:  # a non-finite gradient counts as none at all, where ok is false
+            grad_u, grad_v = torch.where(ok, grad_u, 0.0), torch.where(ok, grad_v, 0.0)
 
         cache = stacked.gram_pinv if whole else None
         step += 1.0
@@ -300,15 +331,23 @@ class LoftAdamW(LoftOptimizerBase):
         workspace = self._caches().setdefault("workspace", kernels.Workspace())
         counters = t["u:step"].dtype == torch.float32 and t["u:moving"].dtype == torch.int64  # as the kernel keeps them
         rescale = not full and group.get("simple_rescale", False)
-        if group["alternate"] and counters and not rescale and native.usable(u):
+        if group["alternate"] and counters and not rescale and not on_device and native.usable(u):
             sides = {"u": (b_params, u, grad_u), "v": (a_params, v, grad_v)}
             if self._step_in_one_native_call(group, stacked, t, sides, move_b, whole, workspace, options):
+                self.note_backend("native C kernels (CPU, fp32)")
                 return
+        self.note_backend(f"batched PyTorch, device path ({u.device.type})" if on_device
+                          else f"batched PyTorch ({u.device.type})")
         t["u:step"].add_(1.0)
         # Which factors changed since the last step (the one that moved); an unchanged factor needs no calibration
         # and keeps its Gram pseudo-inverse from the last step.
-        same_u, same_u_mask = _compare(t["u:prev"], u)
-        same_v, same_v_mask = _compare(t["v:prev"], v)
+        if on_device:
+            written = stacked.written if whole else None
+            same_u, same_u_mask = _unchanged_since_written(written, "u", b_params, t["u:prev"], u)
+            same_v, same_v_mask = _unchanged_since_written(written, "v", a_params, t["v:prev"], v)
+        else:
+            same_u, same_u_mask = _compare(t["u:prev"], u)
+            same_v, same_v_mask = _compare(t["v:prev"], v)
         # Block 3's calibration matrices: m^U is carried by C^V (V changed since the last step), m^V by C^U.
         pinv_u, calib_for_v = self._gram_pinv_and_calibration(
             group, b_params, u, t["u:prev"], cache["u"] if cache is not None and same_u else None, same_u, same_u_mask
@@ -316,6 +355,11 @@ class LoftAdamW(LoftOptimizerBase):
         pinv_v, calib_for_u = self._gram_pinv_and_calibration(
             group, a_params, v, t["v:prev"], cache["v"] if cache is not None and same_v else None, same_v, same_v_mask
         )
+        if ok is not None:  # and no carrying either
+            eye = torch.eye(u.shape[-1], dtype=dtype, device=u.device)
+            calib_for_u = None if calib_for_u is None else torch.where(ok, calib_for_u, eye)
+            calib_for_v = None if calib_for_v is None else torch.where(ok, calib_for_v, eye)
+        budget = group.get("memory_budget", kernels.DEFAULT_MEMORY_BUDGET)
         # Blocks 2-4 for both sides; LoFT-simple's moving factor steps in the same pass (its step is elementwise).
         simple_steps: dict[str, list[Tensor] | None] = {}
         for side, grad, pinv, calib, x, moves in (
@@ -333,16 +377,17 @@ class LoftAdamW(LoftOptimizerBase):
                 full=full,
                 workspace=workspace,
                 simple_step=dict(x=x, **options) if moves and not full and not rescale else None,
+                gate=ok,
+                budget=budget,
             )
-        if not same_u:
-            t["u:prev"].copy_(u)
-        if not same_v:
-            t["v:prev"].copy_(v)
+        for side, x, same in (("u", u, same_u), ("v", v, same_v)):
+            if not same:
+                t[side + ":prev"].copy_(x if ok is None else torch.where(ok, x, t[side + ":prev"]))
 
         def updated(side: str, x: Tensor, other: Tensor, other_pinv: Tensor) -> list[Tensor]:
             if rescale:
                 return kernels.simple_adam_update(x, t[side + ":exp_avg"], t[side + ":exp_avg_sq"], rescale_by=other,
-                                                  **options)
+                                                  gate=ok, **options)
             if not full:
                 return simple_steps[side]
             floor = maths.second_moment_floor(beta1, beta2)  # block 5
@@ -355,6 +400,8 @@ class LoftAdamW(LoftOptimizerBase):
                 floor=floor,
                 workspace=workspace,
                 compiled=group.get("compile", False),
+                gate=ok,
+                budget=budget,
                 **options,
             )
 
@@ -369,6 +416,9 @@ class LoftAdamW(LoftOptimizerBase):
             t["u:moving"].fill_(MOVE_A if move_b else MOVE_B)
         if whole:
             stacked.gram_pinv = {"u": pinv_u, "v": pinv_v}  # the pseudo-inverses of the factors now in "prev"
+            # After this step "prev" holds the factors that did not move; their versions tell if they change.
+            stacked.written = {"u": None if new_u is not None else factor_versions(b_params),
+                               "v": None if new_v is not None else factor_versions(a_params)}
 
     def _step_in_one_native_call(
         self,
@@ -479,6 +529,9 @@ class _StackedState:
                     self.bound.append((d, name, view))
         # (y^T y)^+ of the factors now stored in "u:prev" / "v:prev", from the last step of the whole bucket.
         self.gram_pinv: dict[str, Tensor] | None = None
+        # Device path: per side, the version counters of the factors that equal "prev" after the last whole step
+        # (None for the side that moved), so that "unchanged" is known without reading a value.
+        self.written: dict[str, tuple[int, ...] | None] | None = None
 
     def is_bound(self, state: dict, bucket: list[tuple[Tensor, Tensor]]) -> bool:
         """Whether every member's state is still these views and no other pair of the bucket has gained state."""
@@ -495,6 +548,18 @@ def _compare(prev: Tensor, current: Tensor) -> tuple[bool, Tensor | None]:
         return False, None
     same = (prev == current).flatten(1).all(1)
     return False, (same if bool(same.any()) else None)
+
+
+def _unchanged_since_written(
+    written: dict | None, side: str, params: list[Tensor], prev: Tensor, current: Tensor
+) -> tuple[bool, Tensor | None]:
+    """:func:`_compare` without a host read: (all layers unchanged, per-layer "unchanged" mask on the device).
+
+    Unchanged for certain where the factors equalled "prev" after the last step and no write has bumped their version
+    counters since; otherwise a mask computed on the device gives each layer's exact answer."""
+    if written is not None and written[side] is not None and written[side] == factor_versions(params):
+        return True, None
+    return False, (prev == current).flatten(1).all(1)
 
 
 def _calibration(prev: Tensor, current: Tensor, current_pinv: Tensor, same_mask: Tensor | None) -> Tensor:

@@ -16,11 +16,11 @@ time through ``_step_pair``, or a whole group at once by overriding ``_step_fact
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 import weakref
 from collections.abc import Iterable, Iterator
-from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ..distributed import check_factor_layout
 from . import kernels, maths
+from .device import autocast_disabled, full_fp32_matmuls, takes_device_path
 
 # Which factor takes the next step, as stored in the optimizer state (a tensor, so that it is checkpointed).
 MOVE_B = 0
@@ -39,15 +40,10 @@ def maths_dtype(param: Tensor) -> torch.dtype:
     return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
-@contextmanager
-def autocast_disabled() -> Iterator[None]:
-    """No autocast inside the optimizer: the common ``with autocast(): loss.backward(); opt.step()`` would otherwise
-    run the Gram matrices and their inverses in bf16 / fp16 (``linalg.pinv`` refuses bf16; fp16 loses the inverse)."""
-    active = [d for d in ("cpu", "cuda") if (d == "cpu" or torch.cuda.is_available()) and torch.is_autocast_enabled(d)]
-    with ExitStack() as stack:  # entering autocast costs tens of microseconds: only where it is on
-        for device_type in active:
-            stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
-        yield
+logger = logging.getLogger("loft_peft")
+
+# Steps skipped in a row (NaN or inf gradients) after which the optimizer stops the run with an error.
+DEFAULT_MAX_CONSECUTIVE_SKIPS = 20
 
 
 def check_common_hyperparameters(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
@@ -169,7 +165,11 @@ class LoftOptimizerBase(torch.optim.Optimizer):
         return zip(params[0::2], params[1::2])
 
     def shape_buckets(self, group: dict[str, Any]) -> list[list[tuple[Tensor, Tensor]]]:
-        """The group's pairs split by (B shape, A shape, dtype, device), each bucket in group order."""
+        """The group's pairs split by (B shape, A shape, dtype, device), each bucket in group order.
+
+        On the device path a bucket holds at most as many pairs as a quarter of ``memory_budget`` holds six copies of
+        their factors (the step stacks the factors and their gradients, and their scaled and new values), so that
+        the step's temporaries stay within the budget whatever the number of layers."""
         params = group["params"]
         key = tuple(map(id, params))
         cached = self._caches()["buckets"].get(id(group))
@@ -179,7 +179,13 @@ class LoftOptimizerBase(torch.optim.Optimizer):
         for b_param, a_param in self.factor_pairs(group):
             shape_key = (tuple(b_param.shape), tuple(a_param.shape), b_param.dtype, a_param.dtype, b_param.device)
             buckets.setdefault(shape_key, []).append((b_param, a_param))
-        result = list(buckets.values())
+        result = []
+        budget = group.get("memory_budget")
+        for bucket in buckets.values():
+            b_param, a_param = bucket[0]
+            size = 6 * (b_param.numel() + a_param.numel()) * torch.finfo(maths_dtype(b_param)).bits // 8
+            most = len(bucket) if budget is None or not takes_device_path(b_param) else max(1, budget // 4 // size)
+            result += [bucket[i:i + most] for i in range(0, len(bucket), most)]
         self._caches()["buckets"][id(group)] = (key, result)
         return result
 
@@ -213,7 +219,7 @@ class LoftOptimizerBase(torch.optim.Optimizer):
         norm non-finite too (``inf``, or ``nan``), as ``torch.nn.utils.clip_grad_norm_`` would: the step it announces
         would poison the state, and an fp16 overflow there is a skipped step whose logged norm must say so.
         """
-        with autocast_disabled():
+        with autocast_disabled(), full_fp32_matmuls():
             return self._effective_grad_norm()
 
     def _effective_grad_norm(self) -> Tensor:
@@ -266,12 +272,18 @@ class LoftOptimizerBase(torch.optim.Optimizer):
         call the effective norm is at most ``max_norm``. ``max_norm <= 0`` or ``None`` computes the norm only.
         """
         norm = self.effective_grad_norm()
-        finite = math.isfinite(float(norm))
-        if max_norm is not None and max_norm > 0 and finite:
-            coef = float(max_norm) / (float(norm) + 1e-6)
-            if coef < 1.0:
-                grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-                if grads:
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if grads and takes_device_path(grads[0]):
+            # No value read on the host: a non-finite norm makes the gradients NaN, and step() then skips.
+            finite: bool | Tensor = torch.isfinite(norm)
+            if max_norm is not None and max_norm > 0:
+                coef = (float(max_norm) / (norm + 1e-6)).clamp_(max=1.0)
+                torch._foreach_mul_(grads, coef.to(grads[0].device))
+        else:
+            finite = math.isfinite(float(norm))
+            if max_norm is not None and max_norm > 0 and finite:
+                coef = float(max_norm) / (float(norm) + 1e-6)
+                if coef < 1.0 and grads:
                     torch._foreach_mul_(grads, coef)
         # The norm covers every gradient step() reads, so step() need not check again while they stay these tensors
         # with these contents (a GradScaler may skip the step, and the next backward make new ones).
@@ -312,10 +324,8 @@ class LoftOptimizerBase(torch.optim.Optimizer):
                 grad = stack_factors([grad_or_zeros(a) for _, a in pairs], dtype).transpose(1, 2)
                 other = stack_factors([b for b, _ in pairs], dtype)
             other_pinv = kernels.gram_pinv(other)
-            self._caches()["gram_pinv"][tuple(map(id, (a if side == "B" else b for b, a in pairs)))] = (
-                other,
-                other_pinv,
-            )
+            others = [a if side == "B" else b for b, a in pairs]
+            self._caches()["gram_pinv"][tuple(map(id, others))] = (factor_versions(others), other_pinv)
             sq = kernels.effective_grad_sq_norm(grad, other_pinv)
             total = sq if total is None else total + sq
         return total
@@ -328,7 +338,8 @@ class LoftOptimizerBase(torch.optim.Optimizer):
             stacked: their current values as (L, rows, r) in the maths dtype (``loft_A`` transposed).
         """
         entry = self._caches()["gram_pinv"].get(tuple(map(id, params)))
-        if entry is None or entry[0].shape != stacked.shape or not torch.equal(entry[0], stacked):
+        # Unchanged: no in-place write since (a version counter, read on the host with no synchronisation).
+        if entry is None or entry[0] != factor_versions(params) or entry[1].shape[0] != stacked.shape[0]:
             return None
         return entry[1]
 
@@ -339,43 +350,157 @@ class LoftOptimizerBase(torch.optim.Optimizer):
 
         Without a GradScaler (bf16, fp32) nothing else stops a non-finite gradient, and one step on it would turn the
         moments and factors into NaN for good (the Gram matrices and their inverses of every later step with them).
-        The check is free after :meth:`clip_grad_norm_`, whose norm is non-finite exactly then; otherwise it is one
-        reduction over the gradients. :meth:`last_step_was_skipped` tells.
+        A skipped step leaves the factors, moments, phases and step counts as they were, warns, and is counted
+        (:attr:`skipped_steps`); ``max_consecutive_skips`` skips in a row raise an error naming the layers whose
+        gradients are not finite.
+
+        On the CPU the check is free after :meth:`clip_grad_norm_` (whose norm is non-finite exactly then), otherwise
+        one reduction, and a skipped step does no work. On other devices nothing is read back on the host: the step
+        runs with its updates cancelled on the device where the verdict is "not finite", and the host learns the
+        verdict at the next step (or :meth:`last_step_was_skipped`, :meth:`state_dict`), long after it is computed,
+        then puts the step counts and phases back.
         """
         check_factor_layout(self)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._settle_skip_verdict()
         caches = self._caches()
         known = caches.pop("gradients_finite", None)
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        device_path = bool(grads) and takes_device_path(grads[0]) and self._cancels_on_device()
         if known is not None and self._same_gradients(known[1]):
-            finite = known[0]
+            verdict = known[0]
         else:
-            finite = self._gradients_finite()
-        caches["skipped"] = not finite
-        if not finite:
-            warnings.warn(
-                f"{type(self).__name__}: a gradient holds NaN or inf, so this step was skipped and nothing moved (no "
-                "GradScaler does it in bf16 or fp32). If it happens often, lower the learning rate or look at the "
-                "data.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            verdict = self._gradients_finite(grads, on_device=device_path)
+        if not device_path and not isinstance(verdict, bool):
+            verdict = bool(verdict)  # a device verdict of clip_grad_norm_ where this step cannot cancel on the device
+        ok = verdict if device_path else None
+        if not device_path and not verdict:
             caches["gram_pinv"].clear()
+            self._record_verdict(False)
             return loss
-        with autocast_disabled():
+        caches["counters_before"] = [] if device_path else None
+        caches["backends"] = set()
+        with autocast_disabled(), full_fp32_matmuls():
             for group in self.param_groups:
                 if group["loft"]:
-                    self._step_factor_group(group)
+                    self._step_factor_group(group, ok)
                 else:
-                    self._step_plain_group(group)
-        self._caches()["gram_pinv"].clear()
+                    self._step_plain_group(group, ok)
+        caches["gram_pinv"].clear()
+        backend = ", ".join(sorted(caches["backends"])) or None
+        if backend is not None and backend != caches.get("backend"):
+            logger.info("%s: this step ran on %s.", type(self).__name__, backend)
+        caches["backend"] = backend or caches.get("backend")
+        if device_path:
+            self._defer_verdict(verdict, caches.pop("counters_before"))
+        else:
+            caches["counters_before"] = None
+            self._record_verdict(True)
         return loss
 
+    @property
+    def backend(self) -> str | None:
+        """Which implementation ran the last step (logged at ``INFO`` on ``loft_peft`` when it changes):
+        ``"native C kernels (CPU, fp32)"``, ``"batched PyTorch (<device>)"``, ``"batched PyTorch, device path (...)"``
+        (no host synchronisation; every device but the CPU), ``"per-layer PyTorch"`` (``foreach=False``, and
+        LoftMuon), or several of these joined by commas; ``None`` before the first step."""
+        return self._caches().get("backend")
+
+    def note_backend(self, name: str) -> None:
+        """Called by a step with the name of the implementation that ran it (see :attr:`backend`)."""
+        self._caches().setdefault("backends", set()).add(name)
+
+    def _cancels_on_device(self) -> bool:
+        """Whether every factor group's step can cancel itself on the device (see :meth:`step`); where one cannot,
+        the verdict is read on the host before stepping."""
+        return False
+
+    def note_counters(self, *tensors: Tensor) -> None:
+        """Called by a step before it advances step counts or phases: keeps their values, to put back if the device
+        verdict of this step turns out "not finite"."""
+        before = self._caches().get("counters_before")
+        if before is not None:
+            before.extend((t, t.clone()) for t in tensors)
+
+    def _defer_verdict(self, ok: Tensor, counters_before: list[tuple[Tensor, Tensor]]) -> None:
+        """Start copying the device verdict to the host without waiting for it."""
+        if ok.device.type == "meta":  # no values: taken as finite
+            host, event = None, None
+        elif ok.device.type == "cuda":
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(ok, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = ok.to("cpu", non_blocking=True), None
+        self._caches()["pending_verdict"] = (host, event, counters_before)
+
+    def _settle_skip_verdict(self) -> None:
+        """Take in the verdict of the last device-path step, if one is pending; by now it is long computed."""
+        pending = self._caches().pop("pending_verdict", None)
+        if pending is None:
+            return
+        host, event, counters_before = pending
+        if event is not None:
+            event.synchronize()
+        finite = True if host is None else bool(host)
+        if not finite:
+            for tensor, before in reversed(counters_before):
+                tensor.copy_(before)
+            self._caches().pop("stacked", None)  # cached Gram pseudo-inverses describe factors the step did not write
+        self._record_verdict(finite)
+
+    def _record_verdict(self, finite: bool) -> None:
+        group = self.param_groups[0]
+        self._caches()["skipped"] = not finite
+        if finite:
+            group["consecutive_skips"] = 0
+            return
+        group["skipped_steps"] = group.get("skipped_steps", 0) + 1
+        group["consecutive_skips"] = group.get("consecutive_skips", 0) + 1
+        limit = group.get("max_consecutive_skips", DEFAULT_MAX_CONSECUTIVE_SKIPS)
+        if group["consecutive_skips"] >= limit:
+            raise FloatingPointError(
+                f"{type(self).__name__}: the last {group['consecutive_skips']} steps were skipped for NaN or inf "
+                f"gradients{self._describe_non_finite_gradients()}. Lower the learning rate, look at the data, or use "
+                "fp32/bf16 instead of fp16."
+            )
+        warnings.warn(
+            f"{type(self).__name__}: a gradient holds NaN or inf, so this step was skipped and nothing moved (no "
+            f"GradScaler does it in bf16 or fp32; {group['skipped_steps']} skipped so far). If it happens often, lower "
+            "the learning rate or look at the data.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+    def _describe_non_finite_gradients(self) -> str:
+        names = []
+        for group in self.param_groups:
+            for index, p in enumerate(group["params"]):
+                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                    names.append(getattr(p, "loft_name", None) or f"parameter {index} of shape {tuple(p.shape)}")
+        if not names:
+            return ""
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        return f"; not finite now: {shown}"
+
+    @property
+    def skipped_steps(self) -> int:
+        """How many steps were skipped for NaN or inf gradients (checkpointed with the optimizer)."""
+        self._settle_skip_verdict()
+        return int(self.param_groups[0].get("skipped_steps", 0))
+
     def last_step_was_skipped(self) -> bool:
-        """Whether the last :meth:`step` was skipped for a NaN or inf gradient."""
+        """Whether the last :meth:`step` was skipped for a NaN or inf gradient (on a GPU: waits for that step)."""
+        self._settle_skip_verdict()
         return bool(self._caches().get("skipped", False))
+
+    def state_dict(self) -> dict[str, Any]:
+        self._settle_skip_verdict()
+        return super().state_dict()
 
     def _gradient_fingerprint(self) -> list[tuple[weakref.ref, int]]:
         return [(weakref.ref(p.grad), p.grad._version) for g in self.param_groups for p in g["params"]
@@ -387,26 +512,33 @@ class LoftOptimizerBase(torch.optim.Optimizer):
             ref() is grad and grad._version == version for grad, (ref, version) in zip(grads, fingerprint)
         )
 
-    def _gradients_finite(self) -> bool:
-        """One fused pass per device and dtype, GradScaler's own check (with a scale of 1 it changes no value)."""
+    def _gradients_finite(self, grads: list[Tensor], on_device: bool = False) -> bool | Tensor:
+        """One fused pass per device and dtype, GradScaler's own check (with a scale of 1 it changes no value).
+
+        Returns a bool, or with ``on_device`` a 0-dim bool tensor on the gradients' first device, read by nobody.
+        """
         by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    by_kind.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+        for grad in grads:
+            by_kind.setdefault((grad.device, grad.dtype), []).append(grad)
         buffers = self._caches().setdefault("finite_check", {})
-        for (device, _), grads in by_kind.items():
+        verdict: Tensor | None = None
+        for (device, _), kind in by_kind.items():
             if device not in buffers:
                 buffers[device] = (torch.zeros(1, device=device), torch.ones(1, device=device))
             found_inf, one = buffers[device]
             found_inf.zero_()
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, one)
-            if found_inf.item():
-                return False
-        return True
+            torch._amp_foreach_non_finite_check_and_unscale_(kind, found_inf, one)
+            if not on_device:
+                if found_inf.item():
+                    return False
+                continue
+            finite = found_inf[0] == 0
+            verdict = finite if verdict is None else verdict & finite.to(verdict.device)
+        return True if verdict is None else verdict
 
-    def _step_factor_group(self, group: dict[str, Any]) -> None:
-        """Step every pair of a factor group that has a gradient, one pair at a time."""
+    def _step_factor_group(self, group: dict[str, Any], ok: Tensor | None = None) -> None:
+        """Step every pair of a factor group that has a gradient, one pair at a time (``ok`` must be ``None``)."""
+        self.note_backend("per-layer PyTorch")
         for b_param, a_param in self.factor_pairs(group):
             if b_param.grad is None and a_param.grad is None:
                 continue
@@ -418,9 +550,16 @@ class LoftOptimizerBase(torch.optim.Optimizer):
     def _plain_hyperparameters(self, group: dict[str, Any]) -> tuple[float, tuple[float, float], float, float]:
         return group["lr"], group["betas"], group["eps"], group["weight_decay"]
 
-    def _step_plain_group(self, group: dict[str, Any]) -> None:
-        """AdamW exactly as ``torch.optim.AdamW`` (decoupled decay, eps outside the root), with fp32 state."""
+    def _step_plain_group(self, group: dict[str, Any], ok: Tensor | None = None) -> None:
+        """AdamW exactly as ``torch.optim.AdamW`` (decoupled decay, eps outside the root), with fp32 state.
+
+        With a device verdict ``ok`` (0-dim bool), the update is cancelled on the device where it is false: the
+        gradient counts as 0, the decays as 1 and the learning rate as 0, so every value stays as it was, bit for bit.
+        """
         lr, (beta1, beta2), eps, weight_decay = self._plain_hyperparameters(group)
+        if ok is not None:
+            self._step_plain_group_cancellable(group, ok, lr, beta1, beta2, eps, weight_decay)
+            return
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -447,6 +586,37 @@ class LoftOptimizerBase(torch.optim.Optimizer):
             if value is not p.data:
                 p.data.copy_(value)
 
+    def _step_plain_group_cancellable(
+        self, group: dict[str, Any], ok: Tensor, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float
+    ) -> None:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise TypeError("LoFT optimizers do not support sparse gradients.")
+            dtype = maths_dtype(p)
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            self.note_counters(state["step"])
+            state["step"] += 1
+            step = float(state["step"])
+            gate = ok.to(p.device)
+            grad = torch.where(gate, p.grad.to(dtype), 0.0)
+            value = p.detach().to(dtype, copy=True) if p.dtype != dtype else p.data
+            bias_correction1 = 1.0 - beta1**step
+            bias_correction2 = 1.0 - beta2**step
+            state["exp_avg"].lerp_(grad, torch.where(gate, 1.0 - beta1, 0.0).to(dtype))
+            state["exp_avg_sq"].mul_(torch.where(gate, beta2, 1.0)).addcmul_(grad, grad, value=1.0 - beta2)
+            if weight_decay != 0.0:
+                value.mul_(torch.where(gate, 1.0 - lr * weight_decay, 1.0))
+            denom = (state["exp_avg_sq"].sqrt() / math.sqrt(bias_correction2)).add_(eps)
+            value.addcdiv_(state["exp_avg"] * torch.where(gate, -lr / bias_correction1, 0.0), denom)
+            if value is not p.data:
+                p.data.copy_(value)
+
     # ---------------------------------------------------------------------------------------------------- checkpoint
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load state, keeping every state tensor's saved dtype.
@@ -464,8 +634,14 @@ class LoftOptimizerBase(torch.optim.Optimizer):
             param = params[int(index)]
             for key, value in values.items():
                 if torch.is_tensor(value):
-                    device = value.device if key == "step" else param.device
+                    # Step counts and phases stay on the host (the CPU), where reading them costs no synchronisation.
+                    device = torch.device("cpu") if key in ("step", "moving") else param.device
                     self.state[param][key] = value.to(device=device, dtype=value.dtype, copy=True)
+
+
+def factor_versions(params: list[Tensor]) -> tuple[int, ...]:
+    """The parameters' version counters, which every in-place write (``copy_``, ``mul_``, an optimizer step) bumps."""
+    return tuple(p._version for p in params)
 
 
 def grad_or_zeros(param: Tensor) -> Tensor:

@@ -55,6 +55,9 @@ def loft_param_groups(model: nn.Module, **factor_group_options: Any) -> list[dic
         for p in pair:
             p.requires_grad_(True)
     plain = [p for p in model.parameters() if p.requires_grad and id(p) not in in_pairs]
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            param.loft_name = name  # for messages that name a parameter (e.g. one whose gradients are not finite)
     groups: list[dict[str, Any]] = [{"params": [p for pair in pairs for p in pair], "loft": True, **factor_group_options}]
     if plain:
         groups.append({"params": plain, "loft": False})
@@ -63,7 +66,7 @@ def loft_param_groups(model: nn.Module, **factor_group_options: Any) -> list[dic
 
 OPTIMIZERS = ("adamw", "muon")
 # Options create_loft_optimizer passes on to each optimizer class, beyond the ones every optimizer takes.
-ADAMW_OPTIONS = ("foreach", "compile", "simple_rescale")
+ADAMW_OPTIONS = ("foreach", "compile", "simple_rescale", "memory_budget", "max_consecutive_skips")
 MUON_OPTIONS = ("momentum", "nesterov", "ns_steps", "scale", "adamw_lr")
 
 

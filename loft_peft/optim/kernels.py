@@ -36,11 +36,16 @@ import torch
 from torch import Tensor
 
 from . import maths, native
+from .device import takes_device_path
 
 # Rows of the (k, l) matrices rebuilt at once per layer: about 4 MB of fp32 per temporary, so a 4096 x 14336 layer
 # steps with a few tens of MB of scratch while a typical layer (up to ~1M weights) is done in one block. Smaller
 # blocks keep the elementwise passes in L2 but pay ~10 calls per block; on 2-core CPUs one big block was faster.
 DEFAULT_BLOCK_ELEMENTS = 1 << 20
+
+# On the device path: the most bytes a step's temporaries take beyond the state (LoftAdamW's ``memory_budget``).
+# Row blocks are as large as this allows, so that a GPU steps each bucket in few, large operations.
+DEFAULT_MEMORY_BUDGET = 256 << 20
 
 # oneDNN for the large CPU GEMMs: None until first probed, then whether it is available and agrees with torch.mm.
 # Set to False to force the torch.bmm path (the benchmarks and tests do, to measure and check both).
@@ -85,7 +90,7 @@ ONEDNN_MIN_ELEMENTS = 1 << 16
 
 def _use_onednn(x: Tensor, elements: int = ONEDNN_MIN_ELEMENTS) -> bool:
     return (
-        x.device.type == "cpu"
+        not takes_device_path(x)
         and x.dtype == torch.float32
         and elements >= ONEDNN_MIN_ELEMENTS
         and _onednn_available()
@@ -97,15 +102,20 @@ def _packed_indices(rank: int, device: str, dtype: torch.dtype) -> dict[str, Ten
     """Index and weight tensors for the packed upper triangle (``torch.triu_indices`` order), cached.
 
     ``"s"``, ``"t"``: row and column of each packed entry (s <= t); ``"st"``: its flat position ``s r + t`` in an r x r
-    matrix; ``"st_ts"``: those followed by the mirrored positions ``t r + s``; ``"kr_weight"``: eq. (12)'s Khatri-Rao
-    weight, 1 on the diagonal and 2 off it, as an (R, 1) column; ``"half_diagonal"``: 1/2 on the diagonal, 1 off it.
+    matrix; ``"full"``: for each of the r^2 positions of the symmetric matrix, its packed entry; ``"st_ts"``: those
+    followed by the mirrored positions ``t r + s``; ``"kr_weight"``: eq. (12)'s Khatri-Rao weight, 1 on the diagonal
+    and 2 off it, as an (R, 1) column; ``"half_diagonal"``: 1/2 on the diagonal, 1 off it.
     """
     s, t = torch.triu_indices(rank, rank, device=device)
     diagonal = s == t
+    packed_of = torch.empty(rank, rank, dtype=torch.long, device=device)
+    packed_of[s, t] = torch.arange(len(s), device=device)
+    packed_of[t, s] = packed_of[s, t]
     return {
         "s": s,
         "t": t,
         "st": s * rank + t,
+        "full": packed_of.flatten(),
         "st_ts": torch.cat([s * rank + t, t * rank + s]),
         "kr_weight": torch.where(diagonal, 1.0, 2.0).to(dtype)[:, None],
         "half_diagonal": torch.where(diagonal, 0.5, 1.0).to(dtype),
@@ -179,6 +189,8 @@ def update_moments_(
     full: bool,
     workspace: Workspace,
     simple_step: dict | None = None,
+    gate: Tensor | None = None,
+    budget: int | None = None,
 ) -> list[Tensor] | None:
     """Blocks 2-4 for one side of L pairs, in place, for the factor ``x`` (L, k, r) whose gradient is ``grad``.
 
@@ -189,6 +201,9 @@ def update_moments_(
 
     For LoFT-simple (``full=False``) the factor's step can be taken in the same pass: ``simple_step`` holds
     ``x`` and :func:`simple_adam_update`'s keyword arguments, and its result is returned. Otherwise returns ``None``.
+
+    ``gate`` (a 0-dim bool tensor, the device path's verdict): where false, ``grad`` must be zeros and
+    ``calibration`` the identity; the decays then count as 1, so the moments keep their values bit for bit.
     """
     if native.usable(grad):
         size = native.update_moments_scratch_size(grad.shape[0], grad.shape[-1])
@@ -216,39 +231,75 @@ def update_moments_(
         return None if new is None else list(new.unbind(0))
     scaled = torch.bmm(grad, other_gram_pinv)
     carried = exp_avg if calibration is None else torch.bmm(exp_avg, calibration)
-    if beta1 == 0.0:
+    decay1 = beta1 if gate is None else torch.where(gate, beta1, 1.0).to(exp_avg.dtype)
+    decay2 = beta2 if gate is None else torch.where(gate, beta2, 1.0).to(exp_avg.dtype)
+    if beta1 == 0.0 and gate is None:
         exp_avg.copy_(scaled)
     else:
-        torch.lerp(scaled, carried, beta1, out=exp_avg)
+        torch.lerp(scaled, carried, decay1, out=exp_avg)
     if full:
-        update_cross_terms_(second, calibration, packed_outer(scaled), beta2)
+        update_cross_terms_(second, calibration, scaled, decay2, budget=budget)
         return None
-    second.mul_(beta2).addcmul_(scaled, scaled, value=1.0 - beta2)
+    second.mul_(decay2).addcmul_(scaled, scaled, value=1.0 - beta2)  # where the gate is false, scaled is 0
     if simple_step is None:
         return None
     options = {key: value for key, value in simple_step.items() if key != "x"}
-    return simple_adam_update(simple_step["x"], exp_avg, second, **options)
+    return simple_adam_update(simple_step["x"], exp_avg, second, gate=gate, **options)
 
 
-def update_cross_terms_(cross: Tensor, calibration: Tensor | None, outer: Tensor, beta2: float) -> None:
-    """:func:`maths.update_cross_terms` in place for a batch: ``cross <- lerp(outer, cross (C ⊗ C), beta2)`` (eq. 11).
+def update_cross_terms_(
+    cross: Tensor, calibration: Tensor | None, scaled: Tensor, beta2: float | Tensor, *, budget: int | None = None
+) -> None:
+    """:func:`maths.update_cross_terms` in place for a batch: ``cross <- lerp(packed_outer(scaled), cross (C ⊗ C),
+    beta2)`` (eq. 11), for ``cross`` (L, k, R) and the scaled gradients ``scaled`` (L, k, r).
 
     Carrying the cross terms is a GEMM with inner size R = r (r + 1) / 2; on CPUs it goes through oneDNN, one layer
     at a time, each result folded into ``cross`` at once. (Carrying each row's r x r matrix as ``C^T P C`` needs fewer
     flops, 4 r^3 against 2 R^2, but its GEMMs have inner size r and it moves r^2 numbers per row: slower here for
-    every r up to 32.)
+    every r up to 32.) On the device path rows go in blocks whose temporaries fit ``budget`` bytes
+    (:data:`DEFAULT_MEMORY_BUDGET`), so no (L, k, R) temporary exists.
     """
-    if calibration is None:
-        torch.lerp(outer, cross, beta2, out=cross)
+    if calibration is None and not takes_device_path(cross):
+        torch.lerp(packed_outer(scaled), cross, beta2, out=cross)
+        return
+    layers, rows, packed = cross.shape
+    if takes_device_path(cross):
+        _carry_cross_terms_in_blocks_(cross, calibration, scaled, beta2, budget)
         return
     weights = packed_congruence_rows(calibration)
-    layers, rows, packed = cross.shape
+    outer = packed_outer(scaled)
     if not _use_onednn(cross, rows * packed):
         torch.lerp(outer, torch.bmm(cross, weights.transpose(1, 2)), beta2, out=cross)
         return
     linear = torch.ops.mkldnn._linear_pointwise
     for i in range(layers):
         torch.lerp(outer[i], linear(cross[i], weights[i], None, "none", [], ""), beta2, out=cross[i])
+
+
+def _carry_cross_terms_in_blocks_(
+    cross: Tensor, calibration: Tensor | None, scaled: Tensor, beta2: float | Tensor, budget: int | None
+) -> None:
+    """:func:`update_cross_terms_` on the device path: each row's r x r matrix carried as ``C^T P C`` (4 r^3 flops a
+    row against the packed GEMM's 2 R^2, and no (L, R, R) matrix, which is 2 GB a layer chunk at r = 128), in row
+    blocks whose temporaries fit half of ``budget`` bytes."""
+    layers, rows, packed = cross.shape
+    rank = scaled.shape[-1]
+    index = _indices(scaled)
+    per_row = layers * (3 * rank * rank + 3 * packed) * cross.element_size()
+    step = max(1, min(rows, (DEFAULT_MEMORY_BUDGET if budget is None else budget) * 3 // 4 // per_row))
+    for block, grads in zip(cross.split(step, dim=1), scaled.split(step, dim=1)):
+        carried = block
+        if calibration is not None:
+            count = block.shape[1]
+            full = block.index_select(-1, index["full"]).view(layers, count * rank, rank)  # P, row by row
+            pc = torch.bmm(full, calibration).view(layers, count, rank, rank)  # P C
+            del full
+            pc_t = pc.transpose(-1, -2).reshape(layers, count * rank, rank)  # (P C)^T = C^T P, P being symmetric
+            del pc
+            carried = torch.bmm(pc_t, calibration).view(layers, count, rank * rank).index_select(-1, index["st"])
+            del pc_t
+        torch.lerp(packed_outer(grads), carried, beta2, out=block)
+        del carried
 
 
 def spd_pinv(gram: Tensor) -> Tensor:
@@ -266,10 +317,58 @@ def spd_pinv(gram: Tensor) -> Tensor:
     inverse = torch.cholesky_inverse(chol)
     bound = torch.linalg.matrix_norm(gram).mul_(torch.linalg.matrix_norm(inverse))
     accepted = (bound <= _inverse_limit(gram)).logical_and_(info == 0)  # a NaN bound is not accepted
+    if takes_device_path(gram):  # no host read of `accepted`: the fallback is computed for all, taken where needed
+        # (float64 Gram matrices need the eigendecomposition: soft_pinv's cut-off would need more than float64)
+        fallback = torch.linalg.pinv(gram, hermitian=True) if gram.dtype == torch.float64 else soft_pinv(gram)
+        return torch.where(accepted[:, None, None], inverse, fallback)
     if not bool(accepted.all()):
         rejected = (~accepted).nonzero().squeeze(1)
         inverse[rejected] = torch.linalg.pinv(gram[rejected], hermitian=True)
     return inverse
+
+
+def soft_pinv(gram: Tensor) -> Tensor:
+    """The pseudo-inverse of Gram matrices (L, r, r) with no eigendecomposition and no host read, in float64.
+
+    On a GPU ``linalg.eigh`` (behind :func:`maths.gram_pinv`) checks its result on the host, a synchronisation; this
+    takes one QR factorisation, which checks nothing, and a few (r, r) products. For an eigenvalue ``lam`` of
+    ``G`` and ``d = r * eps * lam_max`` (the reference's cut-off; ``lam_max`` from ``||G^8||_F^(1/8)``):
+
+    * Tikhonov's ``X = (G^2 + d^2 I)^-1 G`` has eigenvalue ``lam / (lam^2 + d^2)``, and five Newton steps
+      ``X (2 I - G X)`` bring it to ``1 / lam`` within a relative ``(d / lam)^64``;
+    * ``P = X G``, with eigenvalues ``lam^2 / (lam^2 + d^2)`` in [0, 1], is sharpened by eight rounds of
+      ``3 P^2 - 2 P^3`` into the projector onto the eigenvalues above about ``d``, applied as ``P X P``.
+
+    So well above the cut-off the result is ``1 / lam``, below it 0 (a zero factor gives exactly 0), as the
+    reference's; only eigenvalues within a small factor of the cut-off, which fp32 arithmetic does not resolve
+    anyway, are treated differently. :func:`spd_pinv` uses it on the device path for the matrices it does not accept
+    (zero, rank-deficient or ill-conditioned ones).
+    """
+    g = gram.to(torch.float64)
+    g = (g + g.mT) * 0.5  # an fp32 Gram matrix is symmetric to ~1e-7 only, and G^2 would carry that far above d^2
+    rank = g.shape[-1]
+    frobenius = torch.linalg.matrix_norm(g)
+    unit = g / torch.where(frobenius > 0, frobenius, 1.0)[:, None, None]
+    power = unit
+    for _ in range(3):  # ||(G / ||G||)^8||^(1/8) ||G||: the largest eigenvalue within a factor 1.19 at r = 16
+        power = power @ power
+    largest = frobenius * torch.linalg.matrix_norm(power).pow(1.0 / 8.0)
+    scale = largest * (rank * torch.finfo(gram.dtype).eps)
+    scale = torch.where(scale > 0, scale, 1.0)[:, None, None]  # G = 0: any d gives 0
+    eye = torch.eye(rank, dtype=g.dtype, device=g.device)
+    # Tikhonov as the least-squares problem [G; d I] X = [I; 0], by QR (which checks nothing either): its condition
+    # number is the square root of that of G^2 + d^2 I, about 1 / (r eps(fp32)), well within float64.
+    q, upper = torch.linalg.qr(torch.cat([g, scale * eye.expand_as(g)], dim=-2))
+    x = torch.linalg.solve_triangular(upper, q[:, :rank].mT, upper=True)
+    projector = x @ g
+    for _ in range(8):
+        projector = projector @ projector @ (3.0 * eye - 2.0 * projector)
+        projector = (projector + projector.mT) * 0.5
+    x = projector @ x @ projector  # below the cut-off x is large (about 1 / d): removed on both sides first
+    for _ in range(5):  # Newton: the relative error e becomes e^2 (and what is left below the cut-off doubles)
+        x = x @ (2.0 * eye - g @ x)
+    x = projector @ x @ projector  # and removed again
+    return ((x + x.mT) * 0.5).to(gram.dtype)
 
 
 def _inverse_limit(x: Tensor) -> float:
@@ -358,6 +457,8 @@ def projected_adam_update(
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     workspace: Workspace | None = None,
     compiled: bool = False,
+    gate: Tensor | None = None,
+    budget: int | None = None,
 ) -> list[Tensor]:
     """The new factor ``decay * x - lr * direction`` with :func:`maths.projected_adam_direction`'s direction (eq. 13).
 
@@ -382,6 +483,9 @@ def projected_adam_update(
         block_elements: about how many elements of a layer's (rows, l) block are formed at once.
         workspace: where the block temporaries live between calls (a fresh one if ``None``).
         compiled: do Adam's elementwise step in one ``torch.compile``-d pass (falls back to eager if that fails).
+        gate: the device path's verdict (0-dim bool): where false, the result is ``x`` itself, bit for bit.
+        budget: on the device path, the bytes the row blocks' temporaries may take (:data:`DEFAULT_MEMORY_BUDGET`);
+            it replaces ``block_elements``.
 
     With the native kernels (fp32 on CPUs) the whole update is one call that holds only the (r, l) and (R, l) column
     matrices (in ``workspace``) and register tiles of the (k, l) ones; ``block_elements`` and ``compiled`` apply to the
@@ -409,25 +513,32 @@ def projected_adam_update(
             scratch=workspace.get("native", (size,), x),
         )
         return list(new.unbind(0))
+    projector_scale = -lr * kappa if gate is None else torch.where(gate, -lr * kappa, 0.0).to(x.dtype)
+    if gate is not None:
+        base = x * torch.where(gate, decay, 1.0).to(x.dtype)
+    else:
+        base = x * decay if decay != 1.0 else x
+    floored = floor > 0.0
+    if takes_device_path(x):
+        # A quarter of the budget for the stacked factors (see shape_buckets), a quarter for the column matrices of a
+        # chunk of layers (made with a temporary of their size), the rest for the two (layers, rows, columns) blocks
+        # m~ and v~, freed after each block for the GPU's caching allocator to reuse.
+        elements = (DEFAULT_MEMORY_BUDGET if budget is None else budget) // x.element_size()
+        per_column = 2 * x.shape[-1] + cross.shape[-1]
+        columns = min(layers * per_column * length, elements // 8)
+        return _projected_adam_update_tiled(x, exp_avg, cross, y, y_gram_pinv, base, scale_first, projector_scale,
+                                            eps_scaled, floored, compiled, row_elements=(elements * 3 // 4
+                                                                                         - 2 * columns) // 2,
+                                            column_elements=elements // 8, workspace=None)
+    if not _use_onednn(x, rows * length):
+        # One bmm per GEMM for all L layers, so a block holds rows of every layer.
+        return _projected_adam_update_tiled(x, exp_avg, cross, y, y_gram_pinv, base, scale_first, projector_scale,
+                                            eps_scaled, floored, compiled, row_elements=block_elements,
+                                            column_elements=None, workspace=workspace)
     y_t = y.transpose(1, 2)
     first_cols = y_t * scale_first if scale_first != 1.0 else y_t  # (L, r, l): m~ = m @ first_cols
     second_cols = packed_khatri_rao(y_t)  # (L, R, l): v~ = p @ second_cols
-    projector_rows = torch.bmm(y_gram_pinv * (-lr * kappa), y_t)  # (L, r, l)
-    base = x * decay if decay != 1.0 else x
-    floored = floor > 0.0
-    if not _use_onednn(x, rows * length):
-        # One bmm per GEMM for all L layers, so a block holds rows of every layer.
-        step = min(rows, max(1, block_elements // max(layers * length, 1)))
-        blocks = []
-        for start in range(0, rows, step):
-            block = slice(start, min(start + step, rows))
-            shape = (layers, block.stop - start, length)
-            first = torch.bmm(exp_avg[:, block], first_cols, out=workspace.get("first", shape, x))
-            second = torch.bmm(cross[:, block], second_cols, out=workspace.get("second", shape, x))
-            square = workspace.get("square", shape, x) if floored else None
-            ratio = _adam_ratio_(first, second, square, eps_scaled, compiled)
-            blocks.append(torch.baddbmm(base[:, block], ratio, projector_rows.transpose(1, 2)))
-        return list((blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)).unbind(0))
+    projector_rows = torch.bmm(y_gram_pinv * projector_scale, y_t)  # (L, r, l)
     # oneDNN's linear takes one weight, so the layers go one at a time. It also always allocates its output: that
     # is kept to the single v~ block per step (one block-sized allocation, which glibc keeps in its heap), and m~ and
     # the square go to the workspace through torch.mm.
@@ -446,6 +557,66 @@ def projected_adam_update(
             blocks.append(linear.binary(ratio, base[i, block], projector_rows[i], None, "add"))
         layer_results.append(blocks[0] if len(blocks) == 1 else torch.cat(blocks))
     return layer_results
+
+
+def _projected_adam_update_tiled(
+    x: Tensor,
+    exp_avg: Tensor,
+    cross: Tensor,
+    y: Tensor,
+    y_gram_pinv: Tensor,
+    base: Tensor,
+    scale_first: float,
+    projector_scale: float | Tensor,
+    eps: float,
+    floored: bool,
+    compiled: bool,
+    *,
+    row_elements: int,
+    column_elements: int | None,
+    workspace: Workspace | None,
+) -> list[Tensor]:
+    """:func:`projected_adam_update` with batched GEMMs, in tiles: chunks of layers, of the other factor's rows (the
+    columns of the (k, l) matrices) and of rows. A chunk's column matrices (``2 r + R`` rows by the tile's columns
+    per layer) hold at most ``column_elements`` numbers (``None``: no limit), a tile's three blocks at most
+    ``row_elements`` each. The projection back sums over the column tiles."""
+    layers, rows, rank = x.shape
+    length, packed = y.shape[1], cross.shape[-1]
+    per_column = 2 * rank + packed
+    chunk, columns = layers, length
+    if column_elements is not None and layers * per_column * length > column_elements:
+        chunk = max(1, column_elements // (per_column * length))
+        if chunk == 1:
+            columns = max(1, min(length, column_elements // per_column))
+    step = min(rows, max(1, row_elements // max(chunk * columns, 1)))
+    out = base.clone() if base is x else base
+    for first_layer in range(0, layers, chunk):
+        layer_slice = slice(first_layer, first_layer + chunk)
+        y_t = y[layer_slice].transpose(1, 2)  # (chunk, r, l)
+        pinv_scaled = y_gram_pinv[layer_slice] * projector_scale
+        blocks = list(zip(exp_avg[layer_slice].split(step, 1), cross[layer_slice].split(step, 1),
+                          out[layer_slice].split(step, 1)))
+        for y_cols in y_t.split(columns, 2):
+            first_cols = y_cols * scale_first if scale_first != 1.0 else y_cols  # m~ = m @ first_cols
+            second_cols = packed_khatri_rao(y_cols)  # (chunk, R, c): v~ = p @ second_cols
+            projector = torch.bmm(pinv_scaled, y_cols).transpose(1, 2)  # (chunk, c, r)
+            for m_rows, p_rows, out_rows in blocks:
+                if workspace is None:  # the device path: two blocks, freed after use
+                    first, second = torch.bmm(m_rows, first_cols), torch.bmm(p_rows, second_cols)
+                    if floored and not compiled:  # max(v~, (a m~)^2) as (v~ - (a m~)^2)^+ + (a m~)^2: no third block
+                        second.addcmul_(first, first, value=-1.0).clamp_min_(0.0).addcmul_(first, first)
+                        ratio = torch.div(first, second.sqrt_().add_(eps), out=second)
+                    else:
+                        ratio = _adam_ratio_(first, second, torch.empty_like(first) if floored else None, eps, compiled)
+                else:
+                    shape = (m_rows.shape[0], m_rows.shape[1], y_cols.shape[2])
+                    first = torch.bmm(m_rows, first_cols, out=workspace.get("first", shape, x))
+                    second = torch.bmm(p_rows, second_cols, out=workspace.get("second", shape, x))
+                    square = workspace.get("square", shape, x) if floored else None
+                    ratio = _adam_ratio_(first, second, square, eps, compiled)
+                out_rows.baddbmm_(ratio, projector)
+                del first, second, ratio  # before the next block's are made: one block alive at a time
+    return list(out.unbind(0))
 
 
 def _block5_constants(
@@ -583,15 +754,23 @@ def simple_adam_update(
     bias_correction2: float,
     eps: float,
     rescale_by: Tensor | None = None,
+    gate: Tensor | None = None,
 ) -> list[Tensor]:
     """``decay * x - lr * maths.simple_adam_direction(...)`` per layer, (k, r) each, in three passes:
     ``m / (sqrt(v) + eps sqrt(bc2))`` times ``sqrt(bc2) / bc1`` is the reference's ``(m / bc1) / (sqrt(v / bc2) + eps)``.
 
     With ``rescale_by`` (the other factor, (L, l, r)) the direction is scaled by :func:`maths.subspace_norm_scale`.
+    With ``gate`` (the device path's verdict, 0-dim bool), the result is ``x`` itself where it is false.
     """
     denom = torch.sqrt(exp_avg_sq).add_(eps * math.sqrt(bias_correction2))
-    base = x * decay if decay != 1.0 else x
     value = -lr * math.sqrt(bias_correction2) / bias_correction1
+    if gate is not None:
+        base = x * torch.where(gate, decay, 1.0).to(x.dtype)
+        direction = torch.div(exp_avg, denom)
+        if rescale_by is not None:
+            direction.mul_(maths.subspace_norm_scale(direction, rescale_by))
+        return list(base.add_(direction.mul_(torch.where(gate, value, 0.0).to(x.dtype))).unbind(0))
+    base = x * decay if decay != 1.0 else x
     if rescale_by is None:
         return list(torch.addcdiv(base, exp_avg, denom, value=value).unbind(0))
     direction = torch.div(exp_avg, denom)

@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .device import takes_device_path
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "loft_cpu.c"
@@ -48,7 +50,7 @@ def enabled() -> bool:
 
 def usable(x: Tensor) -> bool:
     """Whether factors like ``x`` (L, k, r) go through the kernels: fp32 on the CPU, r at most :data:`MAX_RANK`."""
-    return x.is_cpu and x.dtype == torch.float32 and x.shape[-1] <= MAX_RANK and enabled()
+    return not takes_device_path(x) and x.dtype == torch.float32 and x.shape[-1] <= MAX_RANK and enabled()
 
 
 def _compiler() -> str | None:
