@@ -360,14 +360,15 @@ def soft_pinv(gram: Tensor) -> Tensor:
     # number is the square root of that of G^2 + d^2 I, about 1 / (r eps(fp32)), well within float64.
     q, upper = torch.linalg.qr(torch.cat([g, scale * eye.expand_as(g)], dim=-2))
     x = torch.linalg.solve_triangular(upper, q[:, :rank].mT, upper=True)
-    projector = x @ g
-    for _ in range(8):
-        projector = projector @ projector @ (3.0 * eye - 2.0 * projector)
-        projector = (projector + projector.mT) * 0.5
-    x = projector @ x @ projector  # below the cut-off x is large (about 1 / d): removed on both sides first
-    for _ in range(5):  # Newton: the relative error e becomes e^2 (and what is left below the cut-off doubles)
-        x = x @ (2.0 * eye - g @ x)
-    x = projector @ x @ projector  # and removed again
+    # Few launches on a GPU: every round below is one or two batched products.
+    projector = torch.bmm(x, g)
+    for _ in range(8):  # P <- 3 P^2 - 2 P^3
+        square = torch.bmm(projector, projector)
+        projector = torch.baddbmm(square, square, projector, beta=3.0, alpha=-2.0)
+    x = torch.bmm(torch.bmm(projector, x), projector)  # below the cut-off x is large (about 1 / d): removed first
+    for _ in range(5):  # Newton, X <- 2 X - X G X: the relative error e becomes e^2 (what is left below doubles)
+        x = torch.baddbmm(x, torch.bmm(x, g), x, beta=2.0, alpha=-1.0)
+    x = torch.bmm(torch.bmm(projector, x), projector)  # and removed again
     return ((x + x.mT) * 0.5).to(gram.dtype)
 
 
