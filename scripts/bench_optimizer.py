@@ -21,7 +21,7 @@ peak resident memory a step adds beyond parameters, gradients and state, measure
 (``ru_maxrss``), and ``largest`` the largest single tensor allocated during a step (PyTorch profiler).
 
 On CPUs LoFT runs through the fused C kernels of ``loft_peft.optim.native`` where they build; ``--no-native`` times
-the PyTorch operations instead (oneDNN GEMMs, or ``torch.bmm`` with ``--no-onednn`` as well). ``--avx2`` builds the
+the PyTorch operations instead (batched ``torch.bmm`` GEMMs). ``--avx2`` builds the
 kernels as for a CPU without AVX-512 (``-mno-avx512f``, 8-float vectors); to hold PyTorch (and AdamW) to the same
 instructions, run it under ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2``.
 
@@ -228,7 +228,6 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="time budget per configuration")
     parser.add_argument("--no-memory", action="store_true", help="skip the child-process memory measurements")
     parser.add_argument("--no-native", action="store_true", help="use PyTorch operations instead of the C kernels")
-    parser.add_argument("--no-onednn", action="store_true", help="use torch.bmm for the large GEMMs (with --no-native)")
     parser.add_argument("--avx2", action="store_true", help="build the C kernels without AVX-512 (with --no-memory)")
     parser.add_argument("--compile", action="store_true", help="also time LoftAdamW(compile=True)")
     parser.add_argument(
@@ -240,8 +239,6 @@ def main() -> None:
     if args.child_peak:
         _child_peak(args.child_peak)
         return
-    if args.no_onednn:
-        kernels.USE_ONEDNN = False
     if args.no_native:
         native.USE_NATIVE = False
         os.environ["LOFT_PEFT_NATIVE"] = "0"  # and in the memory-measuring child processes
@@ -259,13 +256,11 @@ def main() -> None:
         "native": native.enabled(),
         "native_flags": list(native.FLAGS),
         "isa_environment": {k: os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")},
-        "onednn": kernels._use_onednn(torch.zeros(1), kernels.ONEDNN_MIN_ELEMENTS),
         "fixed_malloc_thresholds": fixed_malloc,
         "load_average_start": os.getloadavg(),
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
     }
     print(f"torch {meta['torch']}, {meta['threads']} threads, native kernels: {meta['native']}, "
-          f"oneDNN GEMMs: {meta['onednn']}, "
           f"fixed malloc thresholds: {fixed_malloc}, load average {meta['load_average_start'][0]:.2f}")
     methods = METHODS + ((COMPILED,) if args.compile else ())
     compiled = COMPILED in methods

@@ -9,8 +9,8 @@ rank-one matrix lying in both factors' spans, plus noise, which keeps ``m~`` awa
 random gradients.
 
 The fast path's large work has three backends (the ``backend`` fixture): the fused C kernels of
-:mod:`loft_peft.optim.native` (the default for fp32 on CPUs; skipped where they cannot be built), oneDNN GEMMs and
-``torch.bmm``. Tests without the fixture run on the default.
+:mod:`loft_peft.optim.native` (the default for fp32 on CPUs; skipped where they cannot be built), batched
+``torch.bmm`` GEMMs, and the device path on CPU tensors. Tests without the fixture run on the default.
 """
 
 import contextlib
@@ -30,25 +30,21 @@ SHAPES = [(64, 48, 1), (64, 48, 4), (48, 64, 8), (20, 12, 7), (12, 9, 9), (12, 9
 
 
 # "device": the path of every device but the CPU (no host reads, updates cancelled on the device), on CPU tensors.
-BACKENDS = ["native", "onednn", "bmm", "device"]
+BACKENDS = ["native", "bmm", "device"]
 
 
 @contextlib.contextmanager
 def _backend(name):
-    """Use the fused C kernels, oneDNN's GEMMs, torch.bmm or the device path for the large work (skipping a backend
-    absent here)."""
-    saved = kernels.USE_ONEDNN, native.USE_NATIVE, device._DEVICE_PATH_ON_CPU
-    kernels.USE_ONEDNN = None if name == "onednn" else False
+    """Use the fused C kernels, torch.bmm or the device path for the large work (skipping a backend absent here)."""
+    saved = native.USE_NATIVE, device._DEVICE_PATH_ON_CPU
     native.USE_NATIVE = None if name == "native" else False
     device._DEVICE_PATH_ON_CPU = name == "device"
     try:
-        if name == "onednn" and not kernels._onednn_available():
-            pytest.skip("this PyTorch build has no usable oneDNN")
         if name == "native" and not native.enabled():
             pytest.skip("the native kernels could not be built here (no C compiler?)")
         yield
     finally:
-        kernels.USE_ONEDNN, native.USE_NATIVE, device._DEVICE_PATH_ON_CPU = saved
+        native.USE_NATIVE, device._DEVICE_PATH_ON_CPU = saved
 
 
 @pytest.fixture(params=BACKENDS)
@@ -139,7 +135,7 @@ def _ids(options):
 
 @pytest.mark.parametrize(
     "options, backend",
-    [(OPTIONS[0], "bmm"), (OPTIONS[1], "bmm"), (OPTIONS[0], "onednn")]
+    [(OPTIONS[0], "bmm"), (OPTIONS[1], "bmm")]
     + [(options, backend) for options in OPTIONS for backend in ("native", "device")],
     ids=lambda x: _ids(x) if isinstance(x, dict) else x,
 )

@@ -18,10 +18,9 @@ steps and shapes). Where the speed comes from:
   (R, l) matrices, Adam's elementwise step is five passes over the block (one with the optional ``torch.compile``),
   and the last GEMM adds the decayed factor, so the new factor comes out of the pass directly. The block
   temporaries live in a :class:`Workspace` kept between steps.
-* Without the native kernels on CPUs, the GEMMs with inner size R = r (r + 1) / 2 or l (the rebuild of ``v~``, the
-  projection back, the carrying of the cross terms) go through oneDNN when PyTorch was built with it: for these skinny
-  shapes it runs about twice as fast as the BLAS behind ``torch.matmul`` on the CPUs we measured. Anything else
-  (GPUs, other dtypes, builds without oneDNN, small layers) takes batched ``torch.bmm``.
+* Without the native kernels (other CPUs, float64, no C compiler) the same blocks run as batched ``torch.bmm``
+  GEMMs over row blocks; every device but the CPU takes them arranged for it (the device path: no host reads, tiles
+  sized by a memory budget; see :func:`loft_peft.optim.device.takes_device_path`).
 
 Shapes follow ``maths``: for the treated factor ``x`` (L, k, r) and the other factor ``y`` (L, l, r), R = r (r + 1)/2.
 """
@@ -46,56 +45,6 @@ DEFAULT_BLOCK_ELEMENTS = 1 << 20
 # On the device path: the most bytes a step's temporaries take beyond the state (LoftAdamW's ``memory_budget``).
 # Row blocks are as large as this allows, so that a GPU steps each bucket in few, large operations.
 DEFAULT_MEMORY_BUDGET = 256 << 20
-
-# oneDNN for the large CPU GEMMs: None until first probed, then whether it is available and agrees with torch.mm.
-# Set to False to force the torch.bmm path (the benchmarks and tests do, to measure and check both).
-USE_ONEDNN: bool | None = None
-
-
-def _onednn_available() -> bool:
-    global USE_ONEDNN
-    if USE_ONEDNN is None:
-        USE_ONEDNN = _probe_onednn()
-    return USE_ONEDNN
-
-
-def _probe_onednn() -> bool:
-    """Whether ``torch.ops.mkldnn._linear_pointwise`` exists here and computes ``x @ w^T (+ other)`` as torch does.
-
-    The op is the one ``torch.compile`` uses for CPU linear layers; it is not public API, so it is checked once on
-    a small problem and silently replaced by ``torch.bmm`` if it is missing, fails, or disagrees.
-    """
-    try:
-        if not torch.backends.mkldnn.is_available():
-            return False
-        op = torch.ops.mkldnn._linear_pointwise
-        generator = torch.Generator().manual_seed(0)
-        x = torch.randn(7, 5, generator=generator)
-        w = torch.randn(3, 5, generator=generator).T.contiguous().T  # a transposed view, as the weights here can be
-        other = torch.randn(7, 3, generator=generator)
-        plain = op(x, w, None, "none", [], "")
-        added = op.binary(x, other, w, None, "add")
-        return bool(
-            torch.allclose(plain, x @ w.T, rtol=1e-5, atol=1e-5)
-            and torch.allclose(added, x @ w.T + other, rtol=1e-5, atol=1e-5)
-        )
-    except Exception:  # noqa: BLE001 - any failure means "not usable here", and the bmm path is always correct
-        return False
-
-
-# oneDNN's linear costs ~20 us per call before any arithmetic; below this many (rows x l) elements per layer the
-# batched torch.bmm path is faster.
-ONEDNN_MIN_ELEMENTS = 1 << 16
-
-
-def _use_onednn(x: Tensor, elements: int = ONEDNN_MIN_ELEMENTS) -> bool:
-    return (
-        not takes_device_path(x)
-        and x.dtype == torch.float32
-        and elements >= ONEDNN_MIN_ELEMENTS
-        and _onednn_available()
-    )
-
 
 @functools.lru_cache(maxsize=None)
 def _packed_indices(rank: int, device: str, dtype: torch.dtype) -> dict[str, Tensor]:
@@ -161,7 +110,7 @@ def packed_congruence_rows(calibration: Tensor) -> Tensor:
     ``T[(s,t), (a,b)] = C[s,a] C[t,b] + [s < t] C[t,a] C[s,b]``. With ``D[a, b, (s,t)] = C[s,a] C[t,b]`` (one
     broadcast product of two column selections of C), ``T^T[(a,b), (s,t)] = (D[a,b] + D[b,a]) * (1/2 if s = t)``:
     both terms are whole-row selections of D. ``T^T`` is also the layout of a linear layer's weight for
-    ``p @ T``, which is what oneDNN takes.
+    ``p @ T``.
     """
     batch, rank = calibration.shape[0], calibration.shape[-1]
     index = _indices(calibration)
@@ -253,27 +202,18 @@ def update_cross_terms_(
     """:func:`maths.update_cross_terms` in place for a batch: ``cross <- lerp(packed_outer(scaled), cross (C ⊗ C),
     beta2)`` (eq. 11), for ``cross`` (L, k, R) and the scaled gradients ``scaled`` (L, k, r).
 
-    Carrying the cross terms is a GEMM with inner size R = r (r + 1) / 2; on CPUs it goes through oneDNN, one layer
-    at a time, each result folded into ``cross`` at once. (Carrying each row's r x r matrix as ``C^T P C`` needs fewer
-    flops, 4 r^3 against 2 R^2, but its GEMMs have inner size r and it moves r^2 numbers per row: slower here for
-    every r up to 32.) On the device path rows go in blocks whose temporaries fit ``budget`` bytes
-    (:data:`DEFAULT_MEMORY_BUDGET`), so no (L, k, R) temporary exists.
+    Here (the CPU without the native kernels) carrying the cross terms is one batched GEMM with inner size
+    R = r (r + 1) / 2. The device path carries each row's r x r matrix as ``C^T P C`` in row blocks whose temporaries
+    fit ``budget`` bytes (:data:`DEFAULT_MEMORY_BUDGET`): no (L, k, R) temporary and no (L, R, R) matrix exist.
     """
     if calibration is None and not takes_device_path(cross):
         torch.lerp(packed_outer(scaled), cross, beta2, out=cross)
         return
-    layers, rows, packed = cross.shape
     if takes_device_path(cross):
         _carry_cross_terms_in_blocks_(cross, calibration, scaled, beta2, budget)
         return
     weights = packed_congruence_rows(calibration)
-    outer = packed_outer(scaled)
-    if not _use_onednn(cross, rows * packed):
-        torch.lerp(outer, torch.bmm(cross, weights.transpose(1, 2)), beta2, out=cross)
-        return
-    linear = torch.ops.mkldnn._linear_pointwise
-    for i in range(layers):
-        torch.lerp(outer[i], linear(cross[i], weights[i], None, "none", [], ""), beta2, out=cross[i])
+    torch.lerp(packed_outer(scaled), torch.bmm(cross, weights.transpose(1, 2)), beta2, out=cross)
 
 
 def _carry_cross_terms_in_blocks_(
@@ -531,33 +471,10 @@ def projected_adam_update(
                                             eps_scaled, floored, compiled, row_elements=(elements * 3 // 4
                                                                                          - 2 * columns) // 2,
                                             column_elements=elements // 8, workspace=None)
-    if not _use_onednn(x, rows * length):
-        # One bmm per GEMM for all L layers, so a block holds rows of every layer.
-        return _projected_adam_update_tiled(x, exp_avg, cross, y, y_gram_pinv, base, scale_first, projector_scale,
-                                            eps_scaled, floored, compiled, row_elements=block_elements,
-                                            column_elements=None, workspace=workspace)
-    y_t = y.transpose(1, 2)
-    first_cols = y_t * scale_first if scale_first != 1.0 else y_t  # (L, r, l): m~ = m @ first_cols
-    second_cols = packed_khatri_rao(y_t)  # (L, R, l): v~ = p @ second_cols
-    projector_rows = torch.bmm(y_gram_pinv * projector_scale, y_t)  # (L, r, l)
-    # oneDNN's linear takes one weight, so the layers go one at a time. It also always allocates its output: that
-    # is kept to the single v~ block per step (one block-sized allocation, which glibc keeps in its heap), and m~ and
-    # the square go to the workspace through torch.mm.
-    linear = torch.ops.mkldnn._linear_pointwise
-    step = min(rows, max(1, block_elements // max(length, 1)))
-    layer_results = []
-    for i in range(layers):
-        blocks = []
-        for start in range(0, rows, step):
-            block = slice(start, min(start + step, rows))
-            shape = (block.stop - start, length)
-            first = torch.mm(exp_avg[i, block], first_cols[i], out=workspace.get("first", shape, x))
-            second = linear(cross[i, block], second_cols[i].T, None, "none", [], "")
-            square = workspace.get("square", shape, x) if floored else None
-            ratio = _adam_ratio_(first, second, square, eps_scaled, compiled)
-            blocks.append(linear.binary(ratio, base[i, block], projector_rows[i], None, "add"))
-        layer_results.append(blocks[0] if len(blocks) == 1 else torch.cat(blocks))
-    return layer_results
+    # One bmm per GEMM for all L layers, so a block holds rows of every layer.
+    return _projected_adam_update_tiled(x, exp_avg, cross, y, y_gram_pinv, base, scale_first, projector_scale,
+                                        eps_scaled, floored, compiled, row_elements=block_elements,
+                                        column_elements=None, workspace=workspace)
 
 
 def _projected_adam_update_tiled(
