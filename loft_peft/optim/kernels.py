@@ -436,7 +436,7 @@ def projected_adam_update(
         The new factor of each layer, (k, r) each, new tensors.
     """
     workspace = Workspace() if workspace is None else workspace
-    layers, rows, length = x.shape[0], x.shape[1], y.shape[1]
+    layers, length = x.shape[0], y.shape[1]
     scale_first, kappa, eps_scaled = _block5_constants(bias_correction1, bias_correction2, eps, floor)
     if native.usable(x):
         size = native.projected_adam_scratch_size(layers, length, x.shape[-1])
