@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from peft import PeftConfig, PeftModel, get_peft_model
+from peft import PeftConfig, get_peft_model
 from peft.utils.peft_types import PeftType
 from torch import nn
 from transformers.pytorch_utils import Conv1D
