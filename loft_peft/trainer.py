@@ -106,14 +106,24 @@ class LoftCallback(TrainerCallback):
     def __init__(self) -> None:
         self._max_grad_norm: float = 0.0
         self._suspended = False
-        self._pending: tuple[str | None, float] | None = None
+        self._pending: tuple[str | None, Any] | None = None
         self._reset_interval()
 
     def _reset_interval(self) -> None:
-        self._steps = 0
-        self._moved_b = 0
-        self._moved_a = 0
-        self._last_norm: float | None = None
+        # Per optimizer step since the last log: (factor that moved, effective norm, skipped by a GradScaler, the
+        # optimizer's verdict). Norms and verdicts are read at logging time only: on a GPU, reading them at every
+        # step would make the host wait for each step to finish.
+        self._records: list[tuple[str | None, Any, bool, Any]] = []
+        self._folded = (0, 0, 0)  # (steps, B moved, A moved) of records already read (long logging intervals)
+
+    def _fold(self, records: list) -> tuple[int, int, int]:
+        steps, moved_b, moved_a = self._folded
+        for moving, _, scaler_skipped, verdict in records:
+            steps += 1
+            if not scaler_skipped and not (verdict is not None and verdict.skipped()):
+                moved_b += moving in ("B", "both")
+                moved_a += moving in ("A", "both")
+        return steps, moved_b, moved_a
 
     # ---------------------------------------------------------------------------------------- taking over clipping
     def _suspend_trainer_clip(self, args) -> None:
@@ -150,21 +160,20 @@ class LoftCallback(TrainerCallback):
         loft = unwrap_loft_optimizer(optimizer)
         moving = loft.moving_factor()
         norm = loft.clip_grad_norm_(args.max_grad_norm)
-        self._pending = (moving, float(norm))
+        self._pending = (moving, norm)
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         if self._pending is None:
             return
         moving, norm = self._pending
         self._pending = None
-        self._steps += 1
-        self._last_norm = norm
         # accelerate's wrapper knows whether its GradScaler skipped the step (fp16 overflow), and the LoFT optimizer
         # whether it skipped a step on a NaN or inf gradient itself (bf16, fp32); then nothing moved.
-        if getattr(optimizer, "step_was_skipped", False) or unwrap_loft_optimizer(optimizer).last_step_was_skipped():
-            return
-        self._moved_b += moving in ("B", "both")
-        self._moved_a += moving in ("A", "both")
+        scaler_skipped = bool(getattr(optimizer, "step_was_skipped", False))
+        self._records.append((moving, norm, scaler_skipped, unwrap_loft_optimizer(optimizer).last_step_verdict()))
+        if len(self._records) > 64:  # read the oldest (finished long ago), keep the last norm
+            self._folded = self._fold(self._records[:-1])
+            self._records = self._records[-1:]
 
     def on_train_end(self, args, state, control, **kwargs):
         self._restore_trainer_clip(args)
@@ -175,13 +184,10 @@ class LoftCallback(TrainerCallback):
 
         Empty when no optimizer step ran since the previous log.
         """
-        if not self._steps:
+        if not self._records:
             return {}
-        fields = {
-            "grad_norm": self._last_norm,
-            MOVED_B: self._moved_b / self._steps,
-            MOVED_A: self._moved_a / self._steps,
-        }
+        steps, moved_b, moved_a = self._fold(self._records)
+        fields = {"grad_norm": float(self._records[-1][1]), MOVED_B: moved_b / steps, MOVED_A: moved_a / steps}
         self._reset_interval()
         return fields
 

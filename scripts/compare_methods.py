@@ -98,9 +98,13 @@ def run_name(method: str, rank: int, lr: float, eps: float | None, seed: int, ba
     return name
 
 
-def run_one(spec: dict, args: argparse.Namespace, extra: list[str]) -> dict:
-    """Run (or reuse, or resume) one ``loft-train`` run; returns its summary record."""
+def run_one(spec: dict, args: argparse.Namespace, extra: list[str]) -> dict | None:
+    """Run (or reuse, or resume) one ``loft-train`` run; returns its summary record (``None`` for a run not finished
+    with ``--report-only``)."""
     folder = Path(args.output_dir) / spec["name"]
+    if not (folder / "metrics.json").is_file() and args.report_only:
+        print(f"[compare] not finished: {folder}", flush=True)
+        return None
     if not (folder / "metrics.json").is_file():
         method, flags = VARIANTS.get(spec["method"], (spec["method"], []))
         command = [sys.executable, "-m", "loft_peft.train"]
@@ -315,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", default=None, help="write the tables here instead of NAME.md")
     parser.add_argument("--plot", default=None, help="write the loss curves here instead of NAME_curves.png")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each is its own process)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: report the runs that have finished (the tables say which are missing)")
     parser.add_argument("--threads", type=int, default=0,
                         help="OMP_NUM_THREADS per run; 0 leaves torch's default. On a busy machine 1 is much faster: "
                              "threads that wait for each other at every parallel region stall when cores are taken.")
@@ -332,7 +338,9 @@ def main(argv: list[str] | None = None) -> int:
 
     records: list[dict] = []
 
-    def finished(result: dict) -> dict:
+    def finished(result: dict | None) -> dict | None:
+        if result is None:
+            return None
         records.append(result)
         write_atomic(Path(name + ".json"), json.dumps(
             {"command": command, "task": args.task, "data": description, "rank": args.rank,

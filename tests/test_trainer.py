@@ -361,3 +361,24 @@ def test_the_guard_does_nothing_when_a_loft_callback_is_present(tmp_path):
         warnings.simplefilter("error", UserWarning)
         trainer.train()
     assert _moved(trainer) == [(1.0, 0.0), (0.0, 1.0)]
+
+
+@pytest.mark.parametrize("device_path", [False, True])
+def test_the_callback_reads_norms_and_skip_verdicts_only_when_it_logs(tmp_path, monkeypatch, device_path):
+    # On a GPU, reading a value at every step makes the host wait for that step: the callback keeps the norm tensors
+    # and the optimizer's verdicts, and reads them at logging time (here: 2 logs for 6 steps).
+    from loft_peft.optim import device
+    from loft_peft.optim.base import StepVerdict
+
+    monkeypatch.setattr(device, "_DEVICE_PATH_ON_CPU", device_path)
+    reads = []
+    original = StepVerdict.skipped
+    monkeypatch.setattr(StepVerdict, "skipped", lambda self: reads.append(1) or original(self))
+    model = _loft_model()
+    b_param = loft_factor_pairs(model)[0][0]
+    trainer = _trainer(model, _args(tmp_path, max_steps=6, logging_steps=3),
+                       callbacks=[LoftCallback(), PoisonStep(b_param, step=1)])
+    with pytest.warns(RuntimeWarning, match="this step was skipped"):
+        trainer.train()
+    assert len(reads) == 6  # each verdict once, when its interval is logged
+    assert _moved(trainer) == [(1 / 3, 1 / 3), (2 / 3, 1 / 3)]  # B, skipped (nothing moved), A | B, A, B

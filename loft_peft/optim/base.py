@@ -46,6 +46,21 @@ logger = logging.getLogger("loft_peft")
 DEFAULT_MAX_CONSECUTIVE_SKIPS = 20
 
 
+class StepVerdict:
+    """Whether one ``step()`` was skipped for NaN or inf gradients, read only when asked: on the device path the
+    answer is copied to the host after the step, so asking at logging time (long after) costs no wait."""
+
+    def __init__(self, skipped: bool | None = None, host: Tensor | None = None, event: Any = None):
+        self._skipped, self._host, self._event = skipped, host, event
+
+    def skipped(self) -> bool:
+        if self._skipped is None:
+            if self._event is not None:
+                self._event.synchronize()
+            self._skipped = self._host is not None and not bool(self._host)
+        return self._skipped
+
+
 def check_common_hyperparameters(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
     def finite_number(x: Any) -> bool:
         return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
@@ -199,6 +214,7 @@ class LoftOptimizerBase(torch.optim.Optimizer):
 
     def moving_factor(self) -> str | None:
         """Which factor the next ``step()`` moves: ``"B"``, ``"A"``, ``"both"``, or ``None`` without factor pairs."""
+        self._settle_skip_verdict()
         for group in self.param_groups:
             if group["loft"] and group["params"]:
                 b_param = group["params"][0]
@@ -224,6 +240,9 @@ class LoftOptimizerBase(torch.optim.Optimizer):
 
     def _effective_grad_norm(self) -> Tensor:
         check_factor_layout(self)
+        # Which factor moves next depends on whether the last step was skipped. On a GPU that verdict was copied to
+        # the host after the last step, a forward and backward ago: waiting for it costs nothing in practice.
+        self._settle_skip_verdict()
         total: Tensor | None = None
         resting: list[Tensor] = []
         self._caches()["gram_pinv"].clear()
@@ -379,6 +398,7 @@ class LoftOptimizerBase(torch.optim.Optimizer):
         ok = verdict if device_path else None
         if not device_path and not verdict:
             caches["gram_pinv"].clear()
+            caches["verdict"] = StepVerdict(skipped=True)
             self._record_verdict(False)
             return loss
         caches["counters_before"] = [] if device_path else None
@@ -398,6 +418,7 @@ class LoftOptimizerBase(torch.optim.Optimizer):
             self._defer_verdict(verdict, caches.pop("counters_before"))
         else:
             caches["counters_before"] = None
+            caches["verdict"] = StepVerdict(skipped=False)
             self._record_verdict(True)
         return loss
 
@@ -437,6 +458,7 @@ class LoftOptimizerBase(torch.optim.Optimizer):
         else:
             host, event = ok.to("cpu", non_blocking=True), None
         self._caches()["pending_verdict"] = (host, event, counters_before)
+        self._caches()["verdict"] = StepVerdict(host=host, event=event)
 
     def _settle_skip_verdict(self) -> None:
         """Take in the verdict of the last device-path step, if one is pending; by now it is long computed."""
@@ -492,6 +514,10 @@ class LoftOptimizerBase(torch.optim.Optimizer):
         """How many steps were skipped for NaN or inf gradients (checkpointed with the optimizer)."""
         self._settle_skip_verdict()
         return int(self.param_groups[0].get("skipped_steps", 0))
+
+    def last_step_verdict(self) -> StepVerdict | None:
+        """The last :meth:`step`'s :class:`StepVerdict`, to read later without waiting (``None`` before any)."""
+        return self._caches().get("verdict")
 
     def last_step_was_skipped(self) -> bool:
         """Whether the last :meth:`step` was skipped for a NaN or inf gradient (on a GPU: waits for that step)."""
