@@ -209,3 +209,45 @@ def test_pairs_come_from_active_adapters_only(toy_model):
     assert [tuple(b.shape) for b, _ in pairs] == [(12, 2), (5, 2)]
     model.set_adapter("other")
     assert [tuple(b.shape) for b, _ in loft_factor_pairs(model)] == [(12, 3)]
+
+
+def test_the_maths_functions_on_a_batch_of_layers_equal_them_layer_by_layer():
+    from loft_peft.optim import maths
+
+    generator = torch.Generator().manual_seed(0)
+    layers, k, l, r = 3, 11, 7, 4
+    x, y, y_prev = (torch.randn(layers, n, r, generator=generator, dtype=torch.float64) for n in (k, l, l))
+    grad = torch.randn(layers, k, r, generator=generator, dtype=torch.float64)
+    cross = maths.packed_outer(torch.randn(layers, k, r, generator=generator, dtype=torch.float64))
+    pinv = maths.gram_pinv(y)
+    calibration = maths.calibration_matrix(y_prev, y, pinv)
+    batched = {
+        "gram_pinv": pinv,
+        "calibration": calibration,
+        "packed_outer": maths.packed_outer(x),
+        "packed_congruence": maths.packed_congruence(calibration),
+        "packed_khatri_rao": maths.packed_khatri_rao(y),
+        "first_moment": maths.update_first_moment(x, calibration, grad, 0.9),
+        "cross_terms": maths.update_cross_terms(cross, maths.packed_congruence(calibration), grad, 0.999),
+        "adam": maths.projected_adam_direction(x, cross, y, pinv, bias_correction1=0.1, bias_correction2=0.01,
+                                               eps=1e-8, floor=0.01, block_elements=3 * l),
+        "muon": maths.projected_muon_direction(x, y),
+    }
+    for i in range(layers):
+        single = {
+            "gram_pinv": maths.gram_pinv(y[i]),
+            "calibration": maths.calibration_matrix(y_prev[i], y[i], pinv[i]),
+            "packed_outer": maths.packed_outer(x[i]),
+            "packed_congruence": maths.packed_congruence(calibration[i]),
+            "packed_khatri_rao": maths.packed_khatri_rao(y[i]),
+            "first_moment": maths.update_first_moment(x[i], calibration[i], grad[i], 0.9),
+            "cross_terms": maths.update_cross_terms(cross[i], maths.packed_congruence(calibration[i]), grad[i],
+                                                    0.999),
+            "adam": maths.projected_adam_direction(x[i], cross[i], y[i], pinv[i], bias_correction1=0.1,
+                                                   bias_correction2=0.01, eps=1e-8, floor=0.01, block_elements=3 * l),
+            "muon": maths.projected_muon_direction(x[i], y[i]),
+        }
+        for name, value in single.items():
+            torch.testing.assert_close(batched[name][i], value, rtol=1e-12, atol=1e-12, msg=name)
+    assert float(maths.effective_grad_sq_norm(grad, pinv)) == pytest.approx(
+        sum(float(maths.effective_grad_sq_norm(grad[i], pinv[i])) for i in range(layers)), rel=1e-12)

@@ -10,6 +10,10 @@ and ``loft_A = V^T`` (r, n). Every function below is written for "the factor bei
 other factor" (``y``, l rows), so one function serves both sides: for U, ``(x, y) = (U, V)`` and (k, l) = (m, n); for
 V, ``(x, y) = (V, U)`` and (k, l) = (n, m).
 
+Every function but ``newton_schulz_lowrank`` (the paper's Algorithm 4, kept as written, 2-D) takes a batch too:
+dimensions before the last two are layers, (..., k, r) for (k, r) and so on (``effective_grad_sq_norm`` then sums
+over the batch).
+
 Cross terms are stored packed: for each row, the r x r symmetric matrix of products ``g_s g_t`` is kept as its upper
 triangle, R = r (r + 1) / 2 numbers (eq. 11 stores all r^2; symmetry halves it).
 """
@@ -59,7 +63,7 @@ def gram_pinv(y: Tensor) -> Tensor:
         pseudo-inverse"). A zero factor gives exactly zero, so the other factor's scaled gradient is 0, not NaN, while
         ``B`` is still at its zero initialisation. No damping is added: a well-conditioned factor gets the exact inverse.
     """
-    gram = y.T @ y
+    gram = y.mT @ y
     return torch.linalg.pinv(gram, hermitian=True)
 
 
@@ -88,7 +92,7 @@ def calibration_matrix(y_prev: Tensor, y: Tensor, y_gram_pinv: Tensor) -> Tensor
         (r, r). A moment ``m`` expressed against ``y_prev`` (full-space value ``m y_prev^T``) becomes ``m C``, whose
         full-space value ``m C y^T = m y_prev^T P_y`` is the old value projected onto the new subspace (eq. 8).
     """
-    return (y_prev.T @ y) @ y_gram_pinv
+    return (y_prev.mT @ y) @ y_gram_pinv
 
 
 def update_first_moment(exp_avg: Tensor, calibration: Tensor | None, scaled_grad: Tensor, beta1: float) -> Tensor:
@@ -127,8 +131,8 @@ def packed_outer(x: Tensor) -> Tensor:
     Returns:
         (k, R) with column (s, t), s <= t in ``torch.triu_indices`` order, holding ``x[:, s] * x[:, t]``.
     """
-    s, t = _triu(x.shape[1], x.device)
-    return x[:, s] * x[:, t]
+    s, t = _triu(x.shape[-1], x.device)
+    return x[..., s] * x[..., t]
 
 
 def packed_congruence(calibration: Tensor) -> Tensor:
@@ -143,10 +147,10 @@ def packed_congruence(calibration: Tensor) -> Tensor:
     Returns:
         (R, R).
     """
-    s, t = _triu(calibration.shape[0], calibration.device)
-    c_s, c_t = calibration[s], calibration[t]  # (R, r): rows s and t of C for each packed index (s, t)
-    direct = c_s[:, s] * c_t[:, t]
-    swapped = c_t[:, s] * c_s[:, t]
+    s, t = _triu(calibration.shape[-1], calibration.device)
+    c_s, c_t = calibration[..., s, :], calibration[..., t, :]  # (..., R, r): rows s and t of C for each index (s, t)
+    direct = c_s[..., s] * c_t[..., t]
+    swapped = c_t[..., s] * c_s[..., t]
     off_diagonal = (s != t).to(calibration.dtype).unsqueeze(1)
     return direct + off_diagonal * swapped
 
@@ -162,9 +166,9 @@ def packed_khatri_rao(y: Tensor) -> Tensor:
         packed cross terms ``p`` (k, R) the rebuilt second moment is ``v~ = p @ packed_khatri_rao(y)`` (k, l):
         ``sum_{s,t} P_st y_s y_t = (g . y)^2`` summed over the accumulated gradients.
     """
-    s, t = _triu(y.shape[1], y.device)
+    s, t = _triu(y.shape[-1], y.device)
     weight = torch.where(s == t, 1.0, 2.0).to(y.dtype)
-    return (y[:, s] * y[:, t] * weight).T.contiguous()
+    return (y[..., s] * y[..., t] * weight).mT.contiguous()
 
 
 def update_cross_terms(cross: Tensor, congruence: Tensor | None, scaled_grad: Tensor, beta2: float) -> Tensor:
@@ -241,8 +245,8 @@ def projected_adam_direction(
     Returns:
         The direction, shape (k, r).
     """
-    rows, length = exp_avg.shape[0], y.shape[0]
-    y_t = y.T.contiguous()  # (r, l)
+    rows, length = exp_avg.shape[-2], y.shape[-2]
+    y_t = y.mT.contiguous()  # (..., r, l)
     khatri_rao = packed_khatri_rao(y)  # (R, l)
     projector = y @ y_gram_pinv  # (l, r): D @ projector == D y (y^T y)^+
     step = max(1, min(rows, block_elements // max(length, 1)))
@@ -251,15 +255,15 @@ def projected_adam_direction(
     out = torch.empty_like(exp_avg)
     for start in range(0, rows, step):
         stop = min(start + step, rows)
-        first = exp_avg[start:stop] @ y_t  # (b, l): m~ rows
-        second = cross[start:stop] @ khatri_rao  # (b, l): v~ rows
+        first = exp_avg[..., start:stop, :] @ y_t  # (b, l): m~ rows
+        second = cross[..., start:stop, :] @ khatri_rao  # (b, l): v~ rows
         if floor > 0.0:
             second = torch.maximum(second, first.square().mul_(floor))
         else:
             second = second.clamp_min_(0.0)
         denom = second.sqrt_().mul_(inv_sqrt_bc2).add_(eps)
         ratio = first.mul_(inv_bc1).div_(denom)
-        torch.mm(ratio, projector, out=out[start:stop])
+        out[..., start:stop, :] = ratio @ projector
     return out
 
 
@@ -317,7 +321,7 @@ def effective_grad_sq_norm(grad: Tensor, other_gram_pinv: Tensor) -> Tensor:
     Returns:
         A 0-dim tensor.
     """
-    return ((grad.T @ grad) * other_gram_pinv).sum()
+    return ((grad.mT @ grad) * other_gram_pinv).sum()
 
 
 # Newton-Schulz quintic coefficients from Muon: chosen to push singular values into roughly [0.7, 1.2] as fast as
@@ -328,15 +332,15 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 def newton_schulz(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
     """Dense NewtonSchulz5 (Algorithm 3): an approximate orthogonalisation of g (m, n); the reference for tests."""
     a, b, c = NS_COEFFICIENTS
-    x = g / (torch.linalg.matrix_norm(g) + eps)
-    transposed = g.shape[0] > g.shape[1]
+    x = g / (torch.linalg.matrix_norm(g)[..., None, None] + eps)
+    transposed = g.shape[-2] > g.shape[-1]
     if transposed:
-        x = x.T
+        x = x.mT
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         poly = b * gram + c * (gram @ gram)
         x = a * x + poly @ x
-    return x.T if transposed else x
+    return x.mT if transposed else x
 
 
 def newton_schulz_lowrank(
@@ -434,6 +438,6 @@ def projected_muon_direction(momentum: Tensor, y: Tensor, *, steps: int = 5, eps
     """
     q_m, r_m = torch.linalg.qr(momentum)  # (k, s), (s, r) with s = min(k, r)
     r_y = torch.linalg.qr(y, mode="r").R  # (t, r) with t = min(l, r); Q_y is never needed
-    core = newton_schulz(r_m @ r_y.T, steps=steps, eps=eps)  # (s, t); ||core input||_F = ||m~||_F
-    cutoff = math.sqrt(y.shape[1] * torch.finfo(y.dtype).eps)
-    return q_m @ (core @ torch.linalg.pinv(r_y, rtol=cutoff).T)
+    core = newton_schulz(r_m @ r_y.mT, steps=steps, eps=eps)  # (s, t); ||core input||_F = ||m~||_F
+    cutoff = math.sqrt(y.shape[-1] * torch.finfo(y.dtype).eps)
+    return q_m @ (core @ torch.linalg.pinv(r_y, rtol=cutoff).mT)
