@@ -235,3 +235,15 @@ def test_the_device_paths_pseudo_inverse_equals_the_reference_in_float64_with_no
     for i in range(5):
         scale = float(expected[i].abs().max()) or 1.0
         assert float((got[i].double() - expected[i]).abs().max()) <= 1e-5 * scale, i
+
+
+@pytest.mark.parametrize("options", [dict(), dict(nesterov=True), dict(alternate=False)], ids=str)
+def test_loft_muon_on_device_tensors_has_no_host_sync(options):
+    from loft_peft import LoftMuon
+
+    params = meta_pairs([(48, 40, 4), (48, 40, 4), (24, 40, 4)])
+    optimizer = LoftMuon([{"params": params, "loft": True}], lr=1e-3, **options)
+    for _ in range(3):
+        with DeviceWatch():
+            optimizer.clip_grad_norm_(1.0)
+            optimizer.step()

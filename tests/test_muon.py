@@ -395,7 +395,7 @@ def test_update_scale_rejects_an_unknown_scale():
 
 
 @pytest.mark.parametrize(
-    "optimizer, option", [("muon", "beta"), ("muon", "foreach"), ("adamw", "momentum"), ("adamw", "ns_steps")]
+    "optimizer, option", [("muon", "beta"), ("muon", "compile"), ("adamw", "momentum"), ("adamw", "ns_steps")]
 )
 def test_an_option_the_chosen_optimizer_lacks_raises_type_error_naming_it(toy_model, optimizer, option):
     with pytest.raises(TypeError, match=f"Unexpected options for optimizer='{optimizer}': \\['{option}'\\]"):
@@ -493,3 +493,59 @@ def test_loft_trainer_trains_with_loft_muon(tmp_path):
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert [entry[MOVED_B] for entry in logs] == [1.0, 0.0] * 4 and [entry[MOVED_A] for entry in logs] == [0.0, 1.0] * 4
     assert (logs[-1]["loss"] + logs[-2]["loss"]) / 2 < (logs[0]["loss"] + logs[1]["loss"]) / 2 - 0.05
+
+
+@pytest.mark.parametrize("device_path", [False, True])
+@pytest.mark.parametrize("options", [dict(), dict(nesterov=True, weight_decay=0.1), dict(alternate=False),
+                                     dict(calibrate=False)], ids=str)
+def test_batched_loft_muon_equals_the_per_pair_reference(device_path, options, monkeypatch):
+    from peft import get_peft_model
+
+    from loft_peft import LoftConfig
+    from loft_peft.optim import device
+
+    from .conftest import tiny_llama
+
+    monkeypatch.setattr(device, "_DEVICE_PATH_ON_CPU", device_path)
+    results = []
+    for foreach in (True, False):
+        model = get_peft_model(tiny_llama(0), LoftConfig(r=3, init_weights=False))
+        optimizer = create_loft_optimizer(model, optimizer="muon", lr=2e-2, foreach=foreach, **options)
+        for step in range(6):
+            ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(step))
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.clip_grad_norm_(1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+        results.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    for name, value in results[1].items():
+        torch.testing.assert_close(results[0][name], value, rtol=2e-4, atol=2e-6, msg=name)
+
+
+def test_batched_loft_muon_skips_a_nan_step_on_the_device_and_the_run_goes_on_as_without_it(monkeypatch):
+    from peft import get_peft_model
+
+    from loft_peft import LoftConfig
+    from loft_peft.optim import device
+
+    from .conftest import tiny_llama
+
+    monkeypatch.setattr(device, "_DEVICE_PATH_ON_CPU", True)
+    runs = []
+    for poison in (False, True):
+        model = get_peft_model(tiny_llama(0), LoftConfig(r=3, init_weights=False))
+        optimizer = create_loft_optimizer(model, optimizer="muon", lr=2e-2)
+        for step in ([0, 1, 2, 3] if poison else [0, 1, 3]):
+            ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(step))
+            model(input_ids=ids, labels=ids).loss.backward()
+            if poison and step == 2:
+                next(p for n, p in model.named_parameters() if "loft_A" in n).grad[0, 0] = float("nan")
+                with pytest.warns(RuntimeWarning, match="skipped"):
+                    optimizer.step()
+                    assert optimizer.last_step_was_skipped()
+            else:
+                optimizer.step()
+            optimizer.zero_grad()
+        runs.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    for name, value in runs[0].items():
+        assert torch.equal(runs[1][name], value), name

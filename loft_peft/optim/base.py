@@ -42,6 +42,8 @@ def maths_dtype(param: Tensor) -> torch.dtype:
 
 logger = logging.getLogger("loft_peft")
 
+_ABSENT = object()  # a state entry that did not exist before a step (see note_entries)
+
 # Steps skipped in a row (NaN or inf gradients) after which the optimizer stops the run with an error.
 DEFAULT_MAX_CONSECUTIVE_SKIPS = 20
 
@@ -426,8 +428,8 @@ class LoftOptimizerBase(torch.optim.Optimizer):
     def backend(self) -> str | None:
         """Which implementation ran the last step (logged at ``INFO`` on ``loft_peft`` when it changes):
         ``"native C kernels (CPU, fp32)"``, ``"batched PyTorch (<device>)"``, ``"batched PyTorch, device path (...)"``
-        (no host synchronisation; every device but the CPU), ``"per-layer PyTorch"`` (``foreach=False``, and
-        LoftMuon), or several of these joined by commas; ``None`` before the first step."""
+        (no host synchronisation; every device but the CPU), ``"per-layer PyTorch"`` (``foreach=False``), or
+        several of these joined by commas; ``None`` before the first step."""
         return self._caches().get("backend")
 
     def note_backend(self, name: str) -> None:
@@ -445,6 +447,12 @@ class LoftOptimizerBase(torch.optim.Optimizer):
         before = self._caches().get("counters_before")
         if before is not None:
             before.extend((t, t.clone()) for t in tensors)
+
+    def note_entries(self, states: list[dict], key: str) -> None:
+        """Like :meth:`note_counters` for a state entry a step replaces or removes (put back as it was, or removed)."""
+        before = self._caches().get("counters_before")
+        if before is not None:
+            before.extend((state, key, state.get(key, _ABSENT)) for state in states)
 
     def _defer_verdict(self, ok: Tensor, counters_before: list[tuple[Tensor, Tensor]]) -> None:
         """Start copying the device verdict to the host without waiting for it."""
@@ -470,8 +478,13 @@ class LoftOptimizerBase(torch.optim.Optimizer):
             event.synchronize()
         finite = True if host is None else bool(host)
         if not finite:
-            for tensor, before in reversed(counters_before):
-                tensor.copy_(before)
+            for entry in reversed(counters_before):
+                if len(entry) == 2:
+                    entry[0].copy_(entry[1])
+                elif entry[2] is _ABSENT:
+                    entry[0].pop(entry[1], None)
+                else:
+                    entry[0][entry[1]] = entry[2]
             self._caches().pop("stacked", None)  # cached Gram pseudo-inverses describe factors the step did not write
         self._record_verdict(finite)
 

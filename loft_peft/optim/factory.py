@@ -67,7 +67,7 @@ def loft_param_groups(model: nn.Module, **factor_group_options: Any) -> list[dic
 OPTIMIZERS = ("adamw", "muon")
 # Options create_loft_optimizer passes on to each optimizer class, beyond the ones every optimizer takes.
 ADAMW_OPTIONS = ("foreach", "compile", "simple_rescale", "memory_budget", "max_consecutive_skips")
-MUON_OPTIONS = ("momentum", "nesterov", "ns_steps", "scale", "adamw_lr")
+MUON_OPTIONS = ("momentum", "nesterov", "ns_steps", "scale", "adamw_lr", "foreach", "max_consecutive_skips")
 
 
 def create_loft_optimizer(

@@ -267,7 +267,7 @@ def spd_pinv(gram: Tensor) -> Tensor:
     return inverse
 
 
-def soft_pinv(gram: Tensor) -> Tensor:
+def soft_pinv(gram: Tensor, cutoff_dtype: torch.dtype | None = None) -> Tensor:
     """The pseudo-inverse of Gram matrices (L, r, r) with no eigendecomposition and no host read, in float64.
 
     On a GPU ``linalg.eigh`` (behind :func:`maths.gram_pinv`) checks its result on the host, a synchronisation; this
@@ -282,7 +282,8 @@ def soft_pinv(gram: Tensor) -> Tensor:
     So well above the cut-off the result is ``1 / lam``, below it 0 (a zero factor gives exactly 0), as the
     reference's; only eigenvalues within a small factor of the cut-off, which fp32 arithmetic does not resolve
     anyway, are treated differently. :func:`spd_pinv` uses it on the device path for the matrices it does not accept
-    (zero, rank-deficient or ill-conditioned ones).
+    (zero, rank-deficient or ill-conditioned ones). ``cutoff_dtype`` (default: ``gram``'s) sets ``eps``: a float64
+    Gram matrix of fp32 factors takes fp32's cut-off.
     """
     g = gram.to(torch.float64)
     g = (g + g.mT) * 0.5  # an fp32 Gram matrix is symmetric to ~1e-7 only, and G^2 would carry that far above d^2
@@ -293,7 +294,7 @@ def soft_pinv(gram: Tensor) -> Tensor:
     for _ in range(3):  # ||(G / ||G||)^8||^(1/8) ||G||: the largest eigenvalue within a factor 1.19 at r = 16
         power = power @ power
     largest = frobenius * torch.linalg.matrix_norm(power).pow(1.0 / 8.0)
-    scale = largest * (rank * torch.finfo(gram.dtype).eps)
+    scale = largest * (rank * torch.finfo(cutoff_dtype or gram.dtype).eps)
     scale = torch.where(scale > 0, scale, 1.0)[:, None, None]  # G = 0: any d gives 0
     eye = torch.eye(rank, dtype=g.dtype, device=g.device)
     # Tikhonov as the least-squares problem [G; d I] X = [I; 0], by QR (which checks nothing either): its condition
@@ -346,6 +347,22 @@ def calibration_matrices(prev: Tensor, y: Tensor, y_gram_pinv: Tensor) -> Tensor
     if native.usable(y):
         return native.calibration_matrices(prev, y, y_gram_pinv)
     return torch.bmm(torch.bmm(prev.transpose(1, 2), y), y_gram_pinv)
+
+
+def projected_muon_direction(momentum: Tensor, y: Tensor, *, steps: int = 5, eps: float = 1e-7) -> Tensor:
+    """:func:`maths.projected_muon_direction` for a batch, (L, k, r).
+
+    The reference maps back with ``pinv(R_y)^T``, a singular value decomposition (which on a GPU reads its error code
+    on the host); here ``pinv(R_y)^T = R_y (R_y^T R_y)^+``, with the r x r pseudo-inverse taken by :func:`soft_pinv`
+    in float64 (R_y may be ill-conditioned: ``R_y^T R_y`` squares its condition number, beyond fp32) and the same
+    cut-off, eigenvalues below ``r eps`` of the largest (singular values of ``R_y`` below ``sqrt(r eps)``).
+    """
+    q_m, r_m = torch.linalg.qr(momentum)  # (L, k, s), (L, s, r)
+    r_y = torch.linalg.qr(y, mode="r").R  # (L, t, r)
+    core = maths.newton_schulz(r_m @ r_y.mT, steps=steps, eps=eps)  # (L, s, t)
+    r_y64 = r_y.to(torch.float64)
+    back = (r_y64 @ soft_pinv(r_y64.mT @ r_y64, cutoff_dtype=y.dtype)).to(y.dtype)  # pinv(R_y)^T, (L, t, r)
+    return q_m @ (core @ back)
 
 
 def effective_grad_sq_norm(grad: Tensor, other_gram_pinv: Tensor) -> Tensor:

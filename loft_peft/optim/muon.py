@@ -9,8 +9,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import maths
-from .base import MOVE_A, MOVE_B, LoftOptimizerBase, check_common_hyperparameters, maths_dtype
+from . import kernels, maths
+from .base import (
+    MOVE_A,
+    MOVE_B,
+    LoftOptimizerBase,
+    check_common_hyperparameters,
+    grad_or_zeros,
+    maths_dtype,
+    stack_factors,
+)
+from .device import takes_device_path
 
 SCALES = ("none", "spectral", "rms")
 
@@ -84,6 +93,11 @@ class LoftMuon(LoftOptimizerBase):
         adamw_betas, adamw_eps: AdamW's ``betas`` and ``eps`` for those parameters.
         alternate: move one factor per step (block 1). ``False`` moves both (the no-alternation ablation).
         calibrate: carry the momenta across subspace changes (block 3). ``False`` is the no-calibration ablation.
+        foreach: step all same-shape pairs together with batched operations (the default; on every device but the
+            CPU with no host synchronisation, and a non-finite step cancelled on the device, as :class:`LoftAdamW`);
+            ``False`` steps each pair through the functions of :mod:`loft_peft.optim.maths`, the reference.
+        max_consecutive_skips: steps skipped in a row for NaN or inf gradients after which ``step()`` raises an error
+            naming the layers whose gradients are not finite.
     """
 
     def __init__(
@@ -100,6 +114,8 @@ class LoftMuon(LoftOptimizerBase):
         adamw_eps: float = 1e-8,
         alternate: bool = True,
         calibrate: bool = True,
+        foreach: bool = True,
+        max_consecutive_skips: int = 20,
     ):
         adamw_lr = lr if adamw_lr is None else adamw_lr
         check_common_hyperparameters(lr, adamw_betas, adamw_eps, weight_decay)
@@ -111,6 +127,8 @@ class LoftMuon(LoftOptimizerBase):
             raise ValueError(f"Invalid ns_steps: {ns_steps!r}; it must be an int >= 1.")
         if scale not in SCALES:
             raise ValueError(f"Unknown LoFT-Muon scale {scale!r}; choose one of {SCALES}.")
+        if not isinstance(max_consecutive_skips, int) or max_consecutive_skips < 1:
+            raise ValueError(f"Invalid max_consecutive_skips: {max_consecutive_skips!r}; give an integer >= 1.")
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -122,12 +140,112 @@ class LoftMuon(LoftOptimizerBase):
             adamw_eps=adamw_eps,
             alternate=bool(alternate),
             calibrate=bool(calibrate),
+            foreach=bool(foreach),
+            max_consecutive_skips=max_consecutive_skips,
         )
         super().__init__(_with_adamw_lr(params, adamw_lr), defaults)
 
     def _plain_hyperparameters(self, group: dict[str, Any]) -> tuple[float, tuple[float, float], float, float]:
         return group["lr"], group["adamw_betas"], group["adamw_eps"], group["weight_decay"]
 
+    # ------------------------------------------------------------------------------------------------ batched path
+    def _cancels_on_device(self) -> bool:
+        return all(group.get("foreach", True) for group in self.param_groups if group["loft"])
+
+    def _step_factor_group(self, group: dict[str, Any], ok: Tensor | None = None) -> None:
+        if not group.get("foreach", True):
+            super()._step_factor_group(group)
+            return
+        for bucket in self.shape_buckets(group):
+            active = [(b, a) for b, a in bucket if b.grad is not None or a.grad is not None]
+            parts: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
+            for b_param, a_param in active:
+                if not self.state[b_param]:
+                    self._init_pair_state(b_param, a_param)
+                state_u, state_v = self.state[b_param], self.state[a_param]
+                key = (int(state_u["moving"]), "moved_cross" in state_u, "moved_cross" in state_v)  # on the CPU
+                parts.setdefault(key, []).append((b_param, a_param))
+            for (phase, _, _), pairs in parts.items():
+                self._step_stacked(group, pairs, phase, ok)
+
+    def _init_pair_state(self, b_param: Tensor, a_param: Tensor) -> None:
+        dtype = maths_dtype(b_param)
+        state_u, state_v = self.state[b_param], self.state[a_param]
+        state_u["step"] = torch.tensor(0.0)
+        state_u["moving"] = torch.tensor(MOVE_B)
+        state_u["momentum_buffer"] = torch.zeros(b_param.shape, dtype=dtype, device=b_param.device)
+        state_v["momentum_buffer"] = torch.zeros(a_param.shape[::-1], dtype=dtype, device=a_param.device)
+
+    def _step_stacked(self, group: dict[str, Any], pairs: list[tuple[Tensor, Tensor]], phase: int,
+                      ok: Tensor | None) -> None:
+        """:meth:`_step_pair` for L same-shape pairs in the same phase, each block one batched call; with ``ok`` (the
+        device verdict on the gradients) every update is cancelled on the device where it is false."""
+        mu, lr, weight_decay = group["momentum"], group["lr"], group["weight_decay"]
+        b_params, a_params = [b for b, _ in pairs], [a for _, a in pairs]
+        dtype = maths_dtype(b_params[0])
+        states_u, states_v = [self.state[b] for b in b_params], [self.state[a] for a in a_params]
+        where = b_params[0].device.type
+        self.note_backend(f"batched PyTorch, device path ({where})" if takes_device_path(b_params[0])
+                          else f"batched PyTorch ({where})")
+        u = stack_factors(b_params, dtype)  # (L, m, r)
+        v = stack_factors(a_params, dtype).transpose(1, 2)  # (L, n, r)
+        grad_u = stack_factors([grad_or_zeros(b) for b in b_params], dtype)
+        grad_v = stack_factors([grad_or_zeros(a) for a in a_params], dtype).transpose(1, 2)
+        if ok is not None:
+            grad_u, grad_v = torch.where(ok, grad_u, 0.0), torch.where(ok, grad_v, 0.0)
+        pinv_u, pinv_v = kernels.gram_pinv(u), kernels.gram_pinv(v)
+        scaled_u, scaled_v = torch.bmm(grad_u, pinv_v), torch.bmm(grad_v, pinv_u)  # block 2
+        eye = torch.eye(u.shape[-1], dtype=dtype, device=u.device)
+        carry = mu if ok is None else torch.where(ok, mu, 1.0).to(dtype)
+
+        def momentum(states: list[dict], other_states: list[dict], other_pinv: Tensor, scaled: Tensor) -> Tensor:
+            """Block 3: m <- mu m C + g~, C from the other factor's ``moved_cross`` (absent: it did not move)."""
+            self.note_entries(other_states, "moved_cross")
+            crosses = [state.pop("moved_cross", None) for state in other_states]
+            buffer = torch.stack([state["momentum_buffer"] for state in states])
+            if group["calibrate"] and crosses[0] is not None:
+                calibration = torch.bmm(torch.stack(crosses), other_pinv)
+                buffer = torch.bmm(buffer, calibration if ok is None else torch.where(ok, calibration, eye))
+            return torch.add(scaled, buffer * carry) if ok is not None else torch.add(scaled, buffer, alpha=mu)
+
+        # m^U is carried by V's calibration (its moved_cross), m^V by U's.
+        momentum_u = momentum(states_u, states_v, pinv_v, scaled_u)
+        momentum_v = momentum(states_v, states_u, pinv_u, scaled_v)
+        self.note_counters(*(state["step"] for state in states_u), *(state["moving"] for state in states_u))
+        for state in states_u:
+            state["step"] += 1
+        move_b = not group["alternate"] or phase == MOVE_B
+        move_a = not group["alternate"] or phase == MOVE_A
+        step_size = lr * update_scale(u.shape[1], v.shape[1], u.shape[2], group["scale"])
+        decay = 1.0 - lr * weight_decay
+        if ok is not None:
+            step_size, decay = torch.where(ok, step_size, 0.0).to(dtype), torch.where(ok, decay, 1.0).to(dtype)
+
+        def new_factor(x: Tensor, moment: Tensor, scaled: Tensor, other: Tensor) -> Tensor:
+            if group["nesterov"]:
+                moment = torch.add(scaled, moment * carry) if ok is not None else torch.add(scaled, moment, alpha=mu)
+            return x * decay - step_size * kernels.projected_muon_direction(moment, other, steps=group["ns_steps"])
+
+        # Both new factors are computed from the factors as they were at this step before either moves.
+        new_u = new_factor(u, momentum_u, scaled_u, v) if move_b else None
+        new_v = new_factor(v, momentum_v, scaled_v, u) if move_a else None
+        torch._foreach_copy_([state["momentum_buffer"] for state in states_u], list(momentum_u.unbind(0)))
+        torch._foreach_copy_([state["momentum_buffer"] for state in states_v], list(momentum_v.unbind(0)))
+        for new, x, params, states, transpose in ((new_u, u, b_params, states_u, False),
+                                                  (new_v, v, a_params, states_v, True)):
+            if new is None:
+                continue
+            stored = new.to(params[0].dtype)  # what the next step reads back
+            if group["calibrate"]:
+                # Formed before the copy: x may share storage with the parameters.
+                for state, cross in zip(states, torch.bmm(x.transpose(1, 2), stored.to(dtype)).unbind(0)):
+                    state["moved_cross"] = cross
+            torch._foreach_copy_(params, [t.T if transpose else t for t in stored.unbind(0)])
+        if group["alternate"]:
+            for state in states_u:
+                state["moving"].fill_(MOVE_A if move_b else MOVE_B)
+
+    # ------------------------------------------------------------------------------------------- per-pair reference
     def _step_pair(self, group: dict[str, Any], b_param: Tensor, a_param: Tensor) -> None:
         mu, lr, weight_decay = group["momentum"], group["lr"], group["weight_decay"]
         dtype = maths_dtype(b_param)
