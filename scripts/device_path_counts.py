@@ -2,8 +2,8 @@
 
 The step runs on ``meta`` tensors (shapes, no data: what a GPU's values look like from the host), under the test
 suite's :class:`tests.test_gpu_path.LiveBytes` watch, which also refuses any host synchronisation. It prints, per
-shape set and rank, the aten operations of a step (each a kernel launch on a GPU, 5-10 us of host time) and the most
-bytes its temporaries hold at once, for the default ``memory_budget`` (256 MiB) or ``--budget-mib``::
+shape set and rank, the aten operations of a step on device tensors (each a kernel launch on a GPU, 5-10 us of host
+time; operations on the CPU's step counts are not counted) and the most bytes its temporaries hold at once, for the default ``memory_budget`` (256 MiB) or ``--budget-mib``::
 
     python scripts/device_path_counts.py                      # LLaMA-3-8B (32 x q, k, v, up, down) at r = 16, 64
     python scripts/device_path_counts.py --budget-mib 1024

@@ -22,11 +22,14 @@ HOST_READS = {"_local_scalar_dense", "equal", "is_nonzero", "nonzero", "item", "
 
 
 class DeviceWatch(TorchDispatchMode):
-    """Refuses host reads of device values and device mixes; counts aten ops and the bytes of the tensors created."""
+    """Refuses host reads of device values and device mixes; counts aten ops (``ops``: those on a device tensor, each a
+    kernel launch on a GPU; ``host_ops``: those on CPU tensors only, such as reading the step counts) and the bytes of
+    the tensors created."""
 
     def __init__(self):
         super().__init__()
         self.ops = 0
+        self.host_ops = 0
         self.created_bytes = 0
         self.names: dict[str, int] = {}
 
@@ -40,8 +43,12 @@ class DeviceWatch(TorchDispatchMode):
         if on_device and any(t.device.type == "cpu" and t.dim() > 0 for t in tensors):
             raise AssertionError(f"device mix: {func} on {[(t.device.type, tuple(t.shape)) for t in tensors]}")
         out = func(*args, **kwargs)
-        self.ops += 1
-        self.names[name] = self.names.get(name, 0) + 1
+        outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if on_device or any(t.device.type != "cpu" for t in outputs):
+            self.ops += 1
+            self.names[name] = self.names.get(name, 0) + 1
+        else:
+            self.host_ops += 1
         inputs = {id(t) for t in tensors}
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and id(t) not in inputs and t.device.type != "cpu":
