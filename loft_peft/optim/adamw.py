@@ -73,8 +73,10 @@ class LoftAdamW(LoftOptimizerBase):
         variant: ``"full"`` (cross-term second moments, projected full update) or ``"simple"`` (LoFT-simple: calibrated
             first moment, elementwise second moment of the scaled gradient, Adam step applied to the factor).
         simple_rescale: LoFT-simple only: scale each factor step so that the full-space step has the norm it would
-            have with an orthonormal other factor (:func:`maths.subspace_norm_scale`), so that the learning rate carries
-            over from LoFT and AdamW. ``False`` (the default) is the paper's LoFT-simple exactly.
+            have with an orthonormal other factor (:func:`maths.subspace_norm_scale`), independent of the other
+            factor's scale. Measured (README, the comparison): it moves LoFT-simple's curve towards LoFT's but does
+            not make LoFT's learning rate carry over; both forms do best at about 10x LoFT's rate. ``False`` (the
+            default) is the paper's LoFT-simple exactly.
         alternate: move one factor per step (block 1). ``False`` moves both (the paper's no-alternation ablation).
         calibrate: carry moments across subspace changes (blocks 3-4). ``False`` is the no-calibration ablation.
         foreach: step all same-shape pairs together through :mod:`loft_peft.optim.kernels` (the default), keeping

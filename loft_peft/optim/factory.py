@@ -98,8 +98,9 @@ def create_loft_optimizer(
         calibrate: carry moments across subspace changes (blocks 3-4); ``False`` is the no-calibration ablation.
         **options: passed to the optimizer class.
 
-            * ``optimizer="adamw"`` (:class:`LoftAdamW`): ``simple_rescale`` (LoFT-simple with the learning rate of
-              LoFT; see there), ``foreach`` (default ``True``: the batched fast path;
+            * ``optimizer="adamw"`` (:class:`LoftAdamW`): ``simple_rescale`` (LoFT-simple's step scaled to the norm
+              it would have with an orthonormal other factor; see there), ``memory_budget`` and
+              ``max_consecutive_skips`` (see there), ``foreach`` (default ``True``: the batched fast path;
               ``False``: the per-layer reference path; on x86-64 CPUs with AVX2 or AVX-512, in fp32, the fast path
               runs fused C kernels) and ``compile`` (default ``False``: ``torch.compile`` the elementwise part of the
               fast path's PyTorch operations, used on GPUs and where the C kernels are not used).

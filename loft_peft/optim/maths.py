@@ -291,7 +291,8 @@ def subspace_norm_scale(direction: Tensor, y: Tensor) -> Tensor:
     it by about ``lr``, so LoFT-simple's learning rate does not carry over from LoFT or AdamW. Scaling the step by
     ``s`` gives the full-space step the Frobenius norm ``lr ||d||_F`` it would have if ``y`` had orthonormal columns,
     which is the size of a full-space Adam step projected onto the r-dimensional subspace (what LoFT's block 5 takes).
-    ``s = 1`` for an orthonormal ``y``, and ``s`` is invariant to rescaling ``y``. Cost O((k + l) r^2):
+    ``s = 1`` for an orthonormal ``y``, and ``s`` is invariant to rescaling ``y``. (Measured on two tasks, this moves
+    LoFT-simple's best rate towards LoFT's without making it carry over: see the README's comparison.) Cost O((k + l) r^2):
     ``||d y^T||_F^2 = sum((d^T d) ⊙ (y^T y))``. A zero ``d`` or ``y`` (no step either way) gives ``s = 1``.
 
     Args:

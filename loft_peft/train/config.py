@@ -54,8 +54,9 @@ class TrainConfig:
     loft_calibrate: bool = field(default=True, metadata={"help": "LoFT: calibrate the moments (blocks 3-4)."})
     loft_simple_rescale: bool = field(
         default=False,
-        metadata={"help": "loft-simple: scale each factor step to the norm of the projected full-space Adam step, so "
-                          "that LoFT's and AdamW's learning rates carry over; false: the paper's LoFT-simple."},
+        metadata={"help": "loft-simple: scale each factor step to the norm it would have with an orthonormal other "
+                          "factor (its best rate is still about 10x LoFT's, as the paper's form's); false: the paper's "
+                          "LoFT-simple."},
     )
     quantization: str = field(
         default="none", metadata={"help": "Base-model quantization: none or 4bit (NF4, bitsandbytes)."}
