@@ -230,16 +230,6 @@ class LoftAdamW(LoftOptimizerBase):
             state_u["moving"] = torch.tensor(MOVE_A if move_b else MOVE_B)
 
     # ------------------------------------------------------------------------------------------ batched fast path
-    def _cancels_on_device(self) -> bool:
-        return all(group.get("foreach", True) for group in self.param_groups if group["loft"])
-
-    def _step_factor_group(self, group: dict[str, Any], ok: Tensor | None = None) -> None:
-        if not group.get("foreach", True):
-            super()._step_factor_group(group)
-            return
-        for bucket in self.shape_buckets(group):
-            self._step_bucket(group, bucket, ok)
-
     def _step_bucket(self, group: dict[str, Any], bucket: list[tuple[Tensor, Tensor]], ok: Tensor | None) -> None:
         """Step the pairs of one shape bucket that have gradients, all at once when they share phase and step."""
         active = [i for i, (b, a) in enumerate(bucket) if b.grad is not None or a.grad is not None]

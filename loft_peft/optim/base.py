@@ -10,8 +10,9 @@ The pairing is positional so that it survives ``state_dict()`` / ``load_state_di
 their position in the groups.
 
 Pairs of the same shape are handled together: :meth:`LoftOptimizerBase.shape_buckets` groups them, and the
-effective-gradient norm of a bucket is one batched computation (:mod:`.kernels`). A subclass steps pairs one at a
-time through ``_step_pair``, or a whole group at once by overriding ``_step_factor_group``.
+effective-gradient norm of a bucket is one batched computation (:mod:`.kernels`). A subclass steps a bucket at once
+in ``_step_bucket`` (``foreach``, the default) and one pair at a time in ``_step_pair`` (``foreach=False``, the
+reference).
 """
 
 from __future__ import annotations
@@ -437,9 +438,9 @@ class LoftOptimizerBase(torch.optim.Optimizer):
         self._caches().setdefault("backends", set()).add(name)
 
     def _cancels_on_device(self) -> bool:
-        """Whether every factor group's step can cancel itself on the device (see :meth:`step`); where one cannot,
-        the verdict is read on the host before stepping."""
-        return False
+        """Whether every factor group's step can cancel itself on the device (see :meth:`step`): the batched path
+        (``foreach``) can; where a group takes the per-pair reference, the verdict is read on the host first."""
+        return all(group.get("foreach", True) for group in self.param_groups if group["loft"])
 
     def note_counters(self, *tensors: Tensor) -> None:
         """Called by a step before it advances step counts or phases: keeps their values, to put back if the device
@@ -576,12 +577,20 @@ class LoftOptimizerBase(torch.optim.Optimizer):
         return True if verdict is None else verdict
 
     def _step_factor_group(self, group: dict[str, Any], ok: Tensor | None = None) -> None:
-        """Step every pair of a factor group that has a gradient, one pair at a time (``ok`` must be ``None``)."""
+        """Step a factor group: bucket by bucket (``foreach``, the default), or every pair that has a gradient one at
+        a time through the reference ``_step_pair`` (``foreach=False``; then ``ok`` is ``None``)."""
+        if group.get("foreach", True):
+            for bucket in self.shape_buckets(group):
+                self._step_bucket(group, bucket, ok)
+            return
         self.note_backend("per-layer PyTorch")
         for b_param, a_param in self.factor_pairs(group):
             if b_param.grad is None and a_param.grad is None:
                 continue
             self._step_pair(group, b_param, a_param)
+
+    def _step_bucket(self, group: dict[str, Any], bucket: list[tuple[Tensor, Tensor]], ok: Tensor | None) -> None:
+        raise NotImplementedError
 
     def _step_pair(self, group: dict[str, Any], b_param: Tensor, a_param: Tensor) -> None:
         raise NotImplementedError
@@ -602,14 +611,7 @@ class LoftOptimizerBase(torch.optim.Optimizer):
         for p in group["params"]:
             if p.grad is None:
                 continue
-            if p.grad.is_sparse:
-                raise TypeError("LoFT optimizers do not support sparse gradients.")
-            dtype = maths_dtype(p)
-            state = self.state[p]
-            if not state:
-                state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            state, dtype = self._plain_state(p)
             state["step"] += 1
             step = float(state["step"])
             grad = p.grad.to(dtype)
@@ -625,20 +627,25 @@ class LoftOptimizerBase(torch.optim.Optimizer):
             if value is not p.data:
                 p.data.copy_(value)
 
+    def _plain_state(self, p: Tensor) -> tuple[dict[str, Tensor], torch.dtype]:
+        """A plain parameter's AdamW state (made on its first step) and the dtype of its maths."""
+        if p.grad.is_sparse:
+            raise TypeError("LoFT optimizers do not support sparse gradients.")
+        dtype = maths_dtype(p)
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        return state, dtype
+
     def _step_plain_group_cancellable(
         self, group: dict[str, Any], ok: Tensor, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float
     ) -> None:
         for p in group["params"]:
             if p.grad is None:
                 continue
-            if p.grad.is_sparse:
-                raise TypeError("LoFT optimizers do not support sparse gradients.")
-            dtype = maths_dtype(p)
-            state = self.state[p]
-            if not state:
-                state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            state, dtype = self._plain_state(p)
             self.note_counters(state["step"])
             state["step"] += 1
             step = float(state["step"])

@@ -149,24 +149,19 @@ class LoftMuon(LoftOptimizerBase):
         return group["lr"], group["adamw_betas"], group["adamw_eps"], group["weight_decay"]
 
     # ------------------------------------------------------------------------------------------------ batched path
-    def _cancels_on_device(self) -> bool:
-        return all(group.get("foreach", True) for group in self.param_groups if group["loft"])
-
-    def _step_factor_group(self, group: dict[str, Any], ok: Tensor | None = None) -> None:
-        if not group.get("foreach", True):
-            super()._step_factor_group(group)
-            return
-        for bucket in self.shape_buckets(group):
-            active = [(b, a) for b, a in bucket if b.grad is not None or a.grad is not None]
-            parts: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
-            for b_param, a_param in active:
-                if not self.state[b_param]:
-                    self._init_pair_state(b_param, a_param)
-                state_u, state_v = self.state[b_param], self.state[a_param]
-                key = (int(state_u["moving"]), "moved_cross" in state_u, "moved_cross" in state_v)  # on the CPU
-                parts.setdefault(key, []).append((b_param, a_param))
-            for (phase, _, _), pairs in parts.items():
-                self._step_stacked(group, pairs, phase, ok)
+    def _step_bucket(self, group: dict[str, Any], bucket: list[tuple[Tensor, Tensor]], ok: Tensor | None) -> None:
+        """Step the pairs of one shape bucket that have gradients, together where they share phase and state keys."""
+        parts: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
+        for b_param, a_param in bucket:
+            if b_param.grad is None and a_param.grad is None:
+                continue
+            if not self.state[b_param]:
+                self._init_pair_state(b_param, a_param)
+            state_u, state_v = self.state[b_param], self.state[a_param]
+            key = (int(state_u["moving"]), "moved_cross" in state_u, "moved_cross" in state_v)  # on the CPU
+            parts.setdefault(key, []).append((b_param, a_param))
+        for (phase, _, _), pairs in parts.items():
+            self._step_stacked(group, pairs, phase, ok)
 
     def _init_pair_state(self, b_param: Tensor, a_param: Tensor) -> None:
         dtype = maths_dtype(b_param)
