@@ -1,6 +1,7 @@
-"""The batched fast path (``LoftAdamW(foreach=True)``, :mod:`loft_peft.optim.kernels`) against the reference maths.
+"""LoFT-AdamW's batched implementation (:mod:`loft_peft.optim.kernels`) against the reference maths.
 
-The reference is ``LoftAdamW(foreach=False)``, which steps each pair through the functions of ``maths``. In float64
+The reference is :class:`tests.reference.ReferenceLoftAdamW`, which steps each pair through the functions of
+``maths``. In float64
 the two agree to round-off on any data. In float32 they agree to 1e-5 where the sum that rebuilds the second moment,
 ``v~ = p (y * y)`` (eq. 12), does not cancel: where ``m~ = m y^T`` is near zero that sum loses about half its digits
 in any implementation (``test_fp32_run_stays_close_to_float64_run`` measures it), and two implementations that add in
@@ -23,6 +24,8 @@ from torch import nn
 
 from loft_peft.optim import device, kernels, maths, native
 from loft_peft.optim.adamw import LoftAdamW
+
+from .reference import ReferenceLoftAdamW, reference_effective_grad_norm
 
 # (out, in, r): r = 1, r > min(m, n) / 2, r = min(m, n), r > min(m, n) (a singular Gram matrix: the pseudo-inverse),
 # and three layers of one shape beside layers of other shapes, so the batched buckets hold more than one pair.
@@ -62,9 +65,11 @@ def _orthonormal_with(first: torch.Tensor, columns: int, generator: torch.Genera
 
 
 class _Problem:
-    """Several LoFT factor pairs with a full-space gradient per step, and two optimizers stepping clones of them."""
+    """Several LoFT factor pairs with a full-space gradient per step, and two optimizers stepping clones of them:
+    ``optimizers[True]`` is LoftAdamW (same-shape layers batched), ``optimizers[False]`` the per-layer reference (or,
+    with ``reference=False``, LoftAdamW with ``foreach=False``: every layer a batch of one)."""
 
-    def __init__(self, shapes, *, dtype, structured, seed=0, scale=1.0, **options):
+    def __init__(self, shapes, *, dtype, structured, seed=0, scale=1.0, reference=True, **options):
         self.generator = torch.Generator().manual_seed(seed)
         self.shapes, self.dtype, self.structured = shapes, dtype, structured
         self.params = {True: [], False: []}
@@ -81,9 +86,10 @@ class _Problem:
             self.directions.append((a, b))
             for foreach in (True, False):
                 self.params[foreach] += [nn.Parameter(u.clone()), nn.Parameter(v.T.contiguous().clone())]
+        second = ReferenceLoftAdamW if reference else LoftAdamW
         self.optimizers = {
-            foreach: LoftAdamW([{"params": self.params[foreach], "loft": True}], foreach=foreach, **options)
-            for foreach in (True, False)
+            True: LoftAdamW([{"params": self.params[True], "loft": True}], **options),
+            False: second([{"params": self.params[False], "loft": True}], foreach=False, **options),
         }
 
     def gradients(self, skip=()):
@@ -281,6 +287,15 @@ def test_one_call_native_step_declines_what_the_separate_calls_handle_before_wri
         assert torch.equal(sides[name][key], value), (name, key)
 
 
+@pytest.mark.parametrize("options", OPTIONS[:2], ids=_ids)
+def test_each_layer_as_a_batch_of_its_own_gives_the_batched_result(options):
+    problem = _Problem(SHAPES + SHAPES[1:2] * 2, dtype=torch.float64, structured=False, reference=False,
+                       **{"lr": 1e-2, **options})
+    for _ in range(10):
+        problem.step()
+    assert problem.worst_relative_difference() < 1e-12
+
+
 def test_pairs_that_miss_gradients_fall_out_of_step_and_still_match_the_reference():
     """A pair without gradients is not stepped, so its phase and step count lag: the bucket is split and regathered."""
     shapes = [(24, 16, 4)] * 4
@@ -324,13 +339,14 @@ def test_checkpoints_are_interchangeable_between_fast_and_reference_paths(direct
     assert worst < 1e-10
 
 
-def test_effective_grad_norm_of_fast_path_equals_reference():
-    problem = _Problem(SHAPES + SHAPES[1:2] * 2, dtype=torch.float64, structured=False, lr=1e-2)
+def test_effective_grad_norm_equals_the_reference_batched_or_layer_by_layer():
+    problem = _Problem(SHAPES + SHAPES[1:2] * 2, dtype=torch.float64, structured=False, lr=1e-2, reference=False)
     for _ in range(3):
         problem.step()
         problem.gradients()
-        norms = [problem.optimizers[foreach].effective_grad_norm() for foreach in (True, False)]
-        torch.testing.assert_close(norms[0], norms[1], rtol=1e-12, atol=0)
+        for optimizer in problem.optimizers.values():  # foreach=True, then foreach=False
+            expected = reference_effective_grad_norm(optimizer)
+            torch.testing.assert_close(optimizer.effective_grad_norm(), expected.to(torch.float64), rtol=1e-12, atol=0)
 
 
 def test_norm_before_step_leaves_the_step_bit_identical():

@@ -154,6 +154,14 @@ def test_a_smaller_budget_bounds_the_temporaries_of_many_layers():
     assert peak <= budget, f"{peak / 2**20:.0f} MiB of temporaries for 32 layers (budget 64 MiB)"
 
 
+def test_the_gram_pseudo_inverses_of_many_layers_stay_within_the_memory_budget():
+    # The clip inverts the (r, r) Gram matrices of every bucket in batched calls; at r = 128 each takes ~1.5 MB of
+    # float64 temporaries, so 200 small layers at once would be ~250 MB: the calls are split to fit the budget.
+    budget = 64 << 20
+    peak = max(_step_counts([(256, 256, 128)] * 200, steps=s, memory_budget=budget).peak for s in (2, 3))
+    assert peak <= budget, f"{peak / 2**20:.0f} MiB of temporaries for 200 layers at r=128 (budget 64 MiB)"
+
+
 @pytest.mark.parametrize("options", [dict(alternate=False), dict(calibrate=False), dict(variant="simple",
                                      simple_rescale=True), dict(weight_decay=0.1)], ids=str)
 def test_step_options_on_device_tensors_have_no_host_sync(options):

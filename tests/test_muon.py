@@ -8,7 +8,7 @@ import torch
 from peft import get_peft_model
 from torch import nn
 
-from loft_peft import LoftConfig, create_loft_optimizer
+from loft_peft import LoftConfig, create_loft_optimizer, loft_param_groups
 from loft_peft.optim import maths
 from loft_peft.optim.muon import LoftMuon, update_scale
 
@@ -506,11 +506,16 @@ def test_batched_loft_muon_equals_the_per_pair_reference(device_path, options, m
 
     from .conftest import tiny_llama
 
-    monkeypatch.setattr(device, "_DEVICE_PATH_ON_CPU", device_path)
+    from .reference import ReferenceLoftMuon
+
     results = []
-    for foreach in (True, False):
+    for batched in (True, False):
+        monkeypatch.setattr(device, "_DEVICE_PATH_ON_CPU", device_path and batched)  # the reference runs on the host
         model = get_peft_model(tiny_llama(0), LoftConfig(r=3, init_weights=False))
-        optimizer = create_loft_optimizer(model, optimizer="muon", lr=2e-2, foreach=foreach, **options)
+        if batched:
+            optimizer = create_loft_optimizer(model, optimizer="muon", lr=2e-2, **options)
+        else:
+            optimizer = ReferenceLoftMuon(loft_param_groups(model), lr=2e-2, **options)
         for step in range(6):
             ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(step))
             model(input_ids=ids, labels=ids).loss.backward()

@@ -541,9 +541,7 @@ def test_the_optimizer_says_which_implementation_ran_the_step(foreach, device_pa
             model(input_ids=ids, labels=ids).loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-    if not foreach:
-        expected = "per-layer PyTorch"
-    elif device_path:
+    if device_path:
         expected = "batched PyTorch, device path (cpu)"
     else:
         expected = "native C kernels (CPU, fp32)" if native.enabled() else "batched PyTorch (cpu)"

@@ -20,7 +20,7 @@ from .base import (
     maths_dtype,
     stack_factors,
 )
-from .device import takes_device_path
+from .device import StepGate, takes_device_path
 
 VARIANTS = ("full", "simple")
 
@@ -82,9 +82,9 @@ class LoftAdamW(LoftOptimizerBase):
         foreach: step all same-shape pairs together through :mod:`loft_peft.optim.kernels` (the default), keeping
             their state in stacked tensors of which ``optimizer.state`` holds views; on x86-64 CPUs with AVX2 or
             AVX-512, in fp32, the large work runs in the fused C kernels of :mod:`loft_peft.optim.native` where a C
-            compiler is found (set ``LOFT_PEFT_NATIVE=0`` to use PyTorch operations). ``False`` steps each pair
-            through the reference functions of :mod:`loft_peft.optim.maths`; all give the same results up to fp32
-            rounding, and their checkpoints are interchangeable.
+            compiler is found (set ``LOFT_PEFT_NATIVE=0`` to use PyTorch operations). ``False`` steps each pair as
+            a batch of one (the same computation, more calls); both give the same results up to fp32 rounding, and
+            their checkpoints are interchangeable.
         memory_budget: on GPUs (every device but the CPU), the bytes a step's temporaries may take beyond the state;
             row blocks are as large as this allows (default 256 MiB).
         max_consecutive_skips: steps skipped in a row for NaN or inf gradients after which ``step()`` raises an error
@@ -153,84 +153,8 @@ class LoftAdamW(LoftOptimizerBase):
         self.state[b_param]["step"] = torch.tensor(0.0)
         self.state[b_param]["moving"] = torch.tensor(MOVE_B)
 
-    def _step_pair(self, group: dict[str, Any], b_param: Tensor, a_param: Tensor) -> None:
-        beta1, beta2 = group["betas"]
-        lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
-        dtype = maths_dtype(b_param)
-        u = b_param.detach().to(dtype)  # (m, r)
-        v = a_param.detach().T.to(dtype)  # (n, r)
-        grad_u = b_param.grad.to(dtype) if b_param.grad is not None else torch.zeros_like(u)
-        grad_v = a_param.grad.T.to(dtype) if a_param.grad is not None else torch.zeros_like(v)
-
-        if not self.state[b_param]:
-            self._init_pair_state(group, b_param, a_param, u, v)
-        state_u, state_v = self.state[b_param], self.state[a_param]
-
-        gram_pinv_u, gram_pinv_v = maths.gram_pinv(u), maths.gram_pinv(v)
-        scaled_u = maths.scaled_gradient(grad_u, gram_pinv_v)  # block 2
-        scaled_v = maths.scaled_gradient(grad_v, gram_pinv_u)
-
-        # Block 3: m^U is carried by C^V (V changed since the last step), m^V by C^U. A factor that did not move
-        # gives C = I exactly, so skip it.
-        calib_for_u = calib_for_v = None
-        if group["calibrate"]:
-            if not torch.equal(state_v["prev"], v):
-                calib_for_u = maths.calibration_matrix(state_v["prev"], v, gram_pinv_v)
-            if not torch.equal(state_u["prev"], u):
-                calib_for_v = maths.calibration_matrix(state_u["prev"], u, gram_pinv_u)
-        state_u["exp_avg"] = maths.update_first_moment(state_u["exp_avg"], calib_for_u, scaled_u, beta1)
-        state_v["exp_avg"] = maths.update_first_moment(state_v["exp_avg"], calib_for_v, scaled_v, beta1)
-        if group["variant"] == "full":  # block 4
-            cong_u = None if calib_for_u is None else maths.packed_congruence(calib_for_u)
-            cong_v = None if calib_for_v is None else maths.packed_congruence(calib_for_v)
-            state_u["cross_sq"] = maths.update_cross_terms(state_u["cross_sq"], cong_u, scaled_u, beta2)
-            state_v["cross_sq"] = maths.update_cross_terms(state_v["cross_sq"], cong_v, scaled_v, beta2)
-        else:
-            state_u["exp_avg_sq"].mul_(beta2).addcmul_(scaled_u, scaled_u, value=1.0 - beta2)
-            state_v["exp_avg_sq"].mul_(beta2).addcmul_(scaled_v, scaled_v, value=1.0 - beta2)
-
-        state_u["step"] += 1
-        step = float(state_u["step"])
-        bias_correction1 = 1.0 - beta1**step
-        bias_correction2 = 1.0 - beta2**step
-        move_b, move_a = self._moving(group, b_param)
-        state_u["prev"].copy_(u)
-        state_v["prev"].copy_(v)
-
-        def direction(state: dict[str, Tensor], other: Tensor, other_gram_pinv: Tensor) -> Tensor:
-            if group["variant"] == "full":  # block 5
-                return maths.projected_adam_direction(
-                    state["exp_avg"],
-                    state["cross_sq"],
-                    other,
-                    other_gram_pinv,
-                    bias_correction1=bias_correction1,
-                    bias_correction2=bias_correction2,
-                    eps=eps,
-                    floor=maths.second_moment_floor(beta1, beta2),
-                )
-            simple = maths.simple_adam_direction(
-                state["exp_avg"],
-                state["exp_avg_sq"],
-                bias_correction1=bias_correction1,
-                bias_correction2=bias_correction2,
-                eps=eps,
-            )
-            return simple * maths.subspace_norm_scale(simple, other) if group.get("simple_rescale") else simple
-
-        # Both directions are computed from the factors as they were at this step before either moves.
-        delta_u = direction(state_u, v, gram_pinv_v) if move_b else None
-        delta_v = direction(state_v, u, gram_pinv_u) if move_a else None
-        decay = 1.0 - lr * weight_decay
-        if delta_u is not None:
-            b_param.copy_((u * decay).sub_(delta_u, alpha=lr))
-        if delta_v is not None:
-            a_param.copy_(((v * decay).sub_(delta_v, alpha=lr)).T)
-        if group["alternate"]:
-            state_u["moving"] = torch.tensor(MOVE_A if move_b else MOVE_B)
-
-    # ------------------------------------------------------------------------------------------ batched fast path
-    def _step_bucket(self, group: dict[str, Any], bucket: list[tuple[Tensor, Tensor]], ok: Tensor | None) -> None:
+    # ------------------------------------------------------------------------------------------------- the step
+    def _step_bucket(self, group: dict[str, Any], bucket: list[tuple[Tensor, Tensor]], ok: StepGate | None) -> None:
         """Step the pairs of one shape bucket that have gradients, all at once when they share phase and step."""
         active = [i for i, (b, a) in enumerate(bucket) if b.grad is not None or a.grad is not None]
         if not active:
@@ -280,18 +204,18 @@ class LoftAdamW(LoftOptimizerBase):
         phase: int,
         step: float,
         whole: bool,
-        ok: Tensor | None = None,
+        ok: StepGate | None = None,
     ) -> None:
         """One step of L pairs in the same phase and step, with state ``t`` stacked along dim 0 (updated in place).
 
-        The same blocks as :meth:`_step_pair`, each as one batched call; see there for the maths. With the native
+        Blocks 2-5 of the paper, each as one batched call (the functions of :mod:`.maths` name the equations). With the native
         kernels an alternating step (either variant) is a single call (:meth:`_step_in_one_native_call`). ``whole``
         says that ``t`` is the bucket's own stacked state (not a gathered part of it), whose cached Gram
         pseudo-inverses can then be used and renewed.
 
         On the device path (:func:`takes_device_path`) nothing is read back on the host: whether a factor changed since
         the last step comes from the parameters' version counters (and, per layer, from a comparison kept on the
-        device), and with ``ok`` (the device verdict on the gradients, 0-dim bool) every update is cancelled on the
+        device), and with ``ok`` (the device verdict on the gradients, a :class:`StepGate`) every update is cancelled on the
         device where it is false.
         """
         beta1, beta2 = group["betas"]
@@ -307,7 +231,7 @@ class LoftAdamW(LoftOptimizerBase):
         grad_v = stack_factors([grad_or_zeros(a) for a in a_params], dtype).transpose(1, 2)
         on_device = takes_device_path(u)
         if ok is not None:  # a non-finite gradient counts as none at all, where ok is false
-            grad_u, grad_v = torch.where(ok, grad_u, 0.0), torch.where(ok, grad_v, 0.0)
+            grad_u, grad_v = ok.where(grad_u, 0.0), ok.where(grad_v, 0.0)
 
         cache = stacked.gram_pinv if whole else None
         step += 1.0
@@ -349,8 +273,8 @@ class LoftAdamW(LoftOptimizerBase):
         )
         if ok is not None:  # and no carrying either
             eye = torch.eye(u.shape[-1], dtype=dtype, device=u.device)
-            calib_for_u = None if calib_for_u is None else torch.where(ok, calib_for_u, eye)
-            calib_for_v = None if calib_for_v is None else torch.where(ok, calib_for_v, eye)
+            calib_for_u = None if calib_for_u is None else ok.where(calib_for_u, eye)
+            calib_for_v = None if calib_for_v is None else ok.where(calib_for_v, eye)
         budget = group.get("memory_budget", kernels.DEFAULT_MEMORY_BUDGET)
         # Blocks 2-4 for both sides; LoFT-simple's moving factor steps in the same pass (its step is elementwise).
         simple_steps: dict[str, list[Tensor] | None] = {}
@@ -374,7 +298,7 @@ class LoftAdamW(LoftOptimizerBase):
             )
         for side, x, same in (("u", u, same_u), ("v", v, same_v)):
             if not same:
-                t[side + ":prev"].copy_(x if ok is None else torch.where(ok, x, t[side + ":prev"]))
+                t[side + ":prev"].copy_(x if ok is None else ok.where(x, t[side + ":prev"]))
 
         def updated(side: str, x: Tensor, other: Tensor, other_pinv: Tensor) -> list[Tensor]:
             if rescale:

@@ -9,10 +9,11 @@ A LoFT optimizer has two kinds of parameter groups:
 The pairing is positional so that it survives ``state_dict()`` / ``load_state_dict()``, which identify parameters by
 their position in the groups.
 
-Pairs of the same shape are handled together: :meth:`LoftOptimizerBase.shape_buckets` groups them, and the
-effective-gradient norm of a bucket is one batched computation (:mod:`.kernels`). A subclass steps a bucket at once
-in ``_step_bucket`` (``foreach``, the default) and one pair at a time in ``_step_pair`` (``foreach=False``, the
-reference).
+Pairs of the same shape are handled together: :meth:`LoftOptimizerBase.shape_buckets` groups them (with
+``foreach=False`` every pair is a bucket of its own), the effective-gradient norm of a bucket is one batched
+computation (:mod:`.kernels`), and a subclass steps a bucket in ``_step_bucket``. That batched implementation is the
+only one: a single layer is a batch of one, on every device; the fused C kernels of :mod:`.native` are its private
+backend for fp32 on CPUs (:attr:`LoftOptimizerBase.backend` says which ran).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import check_factor_layout
-from . import kernels, maths
-from .device import autocast_disabled, full_fp32_matmuls, takes_device_path
+from . import kernels
+from .device import StepGate, autocast_disabled, full_fp32_matmuls, takes_device_path
 
 # Which factor takes the next step, as stored in the optimizer state (a tensor, so that it is checkpointed).
 MOVE_B = 0
@@ -128,7 +129,7 @@ def _add_resting_grad(resting: list[Tensor], b_param: Tensor, a_param: Tensor, m
 
 
 class LoftOptimizerBase(torch.optim.Optimizer):
-    """Base class: holds the groups and the state; subclasses implement ``_step_pair`` for one factor pair."""
+    """Base class: holds the groups and the state; subclasses implement ``_step_bucket`` for a bucket of pairs."""
 
     def __init__(self, params: nn.Module | Iterable[Any], defaults: dict[str, Any]):
         if isinstance(params, nn.Module):
@@ -207,6 +208,13 @@ class LoftOptimizerBase(torch.optim.Optimizer):
         self._caches()["buckets"][id(group)] = (key, result)
         return result
 
+    def buckets(self, group: dict[str, Any]) -> list[list[tuple[Tensor, Tensor]]]:
+        """The buckets a factor group is stepped and clipped in: :meth:`shape_buckets` (``foreach``, the default), or
+        every pair on its own (``foreach=False``: the same computation, one layer at a time)."""
+        if group.get("foreach", True):
+            return self.shape_buckets(group)
+        return [[pair] for pair in self.factor_pairs(group)]
+
     def _moving(self, group: dict[str, Any], b_param: Tensor) -> tuple[bool, bool]:
         """(B moves, A moves) at the next step of this pair."""
         if not group.get("alternate", True):
@@ -250,26 +258,9 @@ class LoftOptimizerBase(torch.optim.Optimizer):
         resting: list[Tensor] = []
         self._caches()["gram_pinv"].clear()
         for group in self.param_groups:
-            if group["loft"] and group.get("foreach", True):
-                for bucket in self.shape_buckets(group):
-                    sq = self._bucket_effective_sq_norm(group, bucket, resting)
-                    if sq is not None:
-                        total = sq if total is None else total + sq.to(total.dtype)
-            elif group["loft"]:
-                for b_param, a_param in self.factor_pairs(group):
-                    if b_param.grad is None and a_param.grad is None:
-                        continue
-                    dtype = maths_dtype(b_param)
-                    u = b_param.detach().to(dtype)
-                    v = a_param.detach().T.to(dtype)
-                    move_b, move_a = self._moving(group, b_param)
-                    _add_resting_grad(resting, b_param, a_param, move_b, move_a)
-                    if move_b and b_param.grad is not None:
-                        sq = maths.effective_grad_sq_norm(b_param.grad.to(dtype), maths.gram_pinv(v))
-                        total = sq if total is None else total + sq.to(total.dtype)
-                    if move_a and a_param.grad is not None:
-                        sq = maths.effective_grad_sq_norm(a_param.grad.T.to(dtype), maths.gram_pinv(u))
-                        total = sq if total is None else total + sq.to(total.dtype)
+            if group["loft"]:
+                for sq in self._factor_group_effective_sq_norms(group, resting):
+                    total = sq if total is None else total + sq.to(total.dtype)
             else:
                 for p in group["params"]:
                     if p.grad is not None:
@@ -312,45 +303,70 @@ class LoftOptimizerBase(torch.optim.Optimizer):
         self._caches()["gradients_finite"] = (finite, self._gradient_fingerprint())
         return norm
 
-    def _bucket_effective_sq_norm(
-        self, group: dict[str, Any], bucket: list[tuple[Tensor, Tensor]], resting: list[Tensor]
-    ) -> Tensor | None:
-        """Block 6 for one shape bucket: the pairs moving the same factor next are done in one batched call.
+    def _factor_group_effective_sq_norms(self, group: dict[str, Any], resting: list[Tensor]) -> list[Tensor]:
+        """Block 6 for a factor group: per shape bucket and moving factor, the squared effective-gradient norm of the
+        pairs that move it next, each one batched computation.
 
         The gradients of the factors that do not move are appended to ``resting`` (for the finiteness guard).
 
         The pseudo-inverse of each other factor's Gram matrix is kept (with the factors it came from) for the
-        ``step()`` that follows, which needs the same matrices and reuses them if the factors have not changed.
+        ``step()`` that follows, which needs the same matrices and reuses them if the factors have not changed. On the
+        device path the Gram matrices of every bucket are inverted in one batched call (:func:`kernels.spd_pinv`):
+        they are all (r, r), whatever the layers' shapes, and the pseudo-inverse is most of the launches of a bucket.
         """
-        sides: dict[str, list[tuple[Tensor, Tensor]]] = {"B": [], "A": []}
-        for b_param, a_param in bucket:
-            if b_param.grad is None and a_param.grad is None:
+        # The moving factor's gradient g and the other factor y whose Gram matrix scales it (U = B, V = A^T), stacked
+        # exactly as the step stacks them, so that the step can reuse the pseudo-inverse bit for bit. Only (r, r)
+        # matrices are kept across buckets: g^T g and y^T y (device path) or (y^T y)^+ (the host's kernels).
+        entries: list[tuple[list[Tensor], Tensor, Tensor]] = []  # (other factors, g^T g, y^T y or (y^T y)^+)
+        for bucket in self.buckets(group):
+            sides: dict[str, list[tuple[Tensor, Tensor]]] = {"B": [], "A": []}
+            for b_param, a_param in bucket:
+                if b_param.grad is None and a_param.grad is None:
+                    continue
+                move_b, move_a = self._moving(group, b_param)
+                _add_resting_grad(resting, b_param, a_param, move_b, move_a)
+                if move_b:
+                    sides["B"].append((b_param, a_param))
+                if move_a:
+                    sides["A"].append((b_param, a_param))
+            dtype = maths_dtype(bucket[0][0])
+            for side, pairs in sides.items():
+                if not pairs:
+                    continue
+                if side == "B":
+                    grad = stack_factors([grad_or_zeros(b) for b, _ in pairs], dtype)
+                    other = stack_factors([a for _, a in pairs], dtype).transpose(1, 2)
+                else:
+                    grad = stack_factors([grad_or_zeros(a) for _, a in pairs], dtype).transpose(1, 2)
+                    other = stack_factors([b for b, _ in pairs], dtype)
+                others = [a if side == "B" else b for b, a in pairs]
+                square = torch.bmm(grad.transpose(1, 2), grad)
+                gram = torch.bmm(other.transpose(1, 2), other) if takes_device_path(other) else kernels.gram_pinv(other)
+                entries.append((others, square, gram))
+        # Device path: the entries whose Gram matrices are inverted together, as many at once as a quarter of the
+        # budget holds the pseudo-inverse's float64 temporaries for (about 12 r x r matrices each).
+        budget = group.get("memory_budget", kernels.DEFAULT_MEMORY_BUDGET) // 4
+        calls: dict[tuple, list[list[int]]] = {}
+        for index, (_, _, gram) in enumerate(entries):
+            if not takes_device_path(gram):
                 continue
-            move_b, move_a = self._moving(group, b_param)
-            _add_resting_grad(resting, b_param, a_param, move_b, move_a)
-            if move_b:
-                sides["B"].append((b_param, a_param))
-            if move_a:
-                sides["A"].append((b_param, a_param))
-        total: Tensor | None = None
-        dtype = maths_dtype(bucket[0][0])
-        for side, pairs in sides.items():
-            if not pairs:
-                continue
-            # The moving factor's gradient, and the other factor y whose Gram matrix scales it (U = B, V = A^T),
-            # stacked exactly as the step stacks them, so that the step can reuse the pseudo-inverse bit for bit.
-            if side == "B":
-                grad = stack_factors([grad_or_zeros(b) for b, _ in pairs], dtype)
-                other = stack_factors([a for _, a in pairs], dtype).transpose(1, 2)
-            else:
-                grad = stack_factors([grad_or_zeros(a) for _, a in pairs], dtype).transpose(1, 2)
-                other = stack_factors([b for b, _ in pairs], dtype)
-            other_pinv = kernels.gram_pinv(other)
-            others = [a if side == "B" else b for b, a in pairs]
-            self._caches()["gram_pinv"][tuple(map(id, others))] = (factor_versions(others), other_pinv)
-            sq = kernels.effective_grad_sq_norm(grad, other_pinv)
-            total = sq if total is None else total + sq
-        return total
+            rank = gram.shape[-1]
+            chunks = calls.setdefault((rank, gram.dtype, gram.device), [[]])
+            if chunks[-1] and sum(entries[i][2].shape[0] for i in chunks[-1]) + gram.shape[0] > max(
+                    1, budget // (12 * rank * rank * 8)):
+                chunks.append([])
+            chunks[-1].append(index)
+        pinvs = [gram for _, _, gram in entries]
+        for indices in (chunk for chunks in calls.values() for chunk in chunks):
+            inverted = kernels.spd_pinv(torch.cat([entries[i][2] for i in indices]))
+            for i, pinv in zip(indices, inverted.split([entries[i][2].shape[0] for i in indices])):
+                pinvs[i] = pinv
+        cache = self._caches()["gram_pinv"]
+        squares = []
+        for (others, square, _), pinv in zip(entries, pinvs):
+            cache[tuple(map(id, others))] = (factor_versions(others), pinv)
+            squares.append(square.mul_(pinv).sum())  # maths.effective_grad_sq_norm from g^T g: sum((g^T g) ⊙ G^+)
+        return squares
 
     def cached_gram_pinv(self, params: list[Tensor], stacked: Tensor) -> Tensor | None:
         """The Gram pseudo-inverse :meth:`effective_grad_norm` computed for these factors, if they are unchanged.
@@ -391,14 +407,14 @@ class LoftOptimizerBase(torch.optim.Optimizer):
         caches = self._caches()
         known = caches.pop("gradients_finite", None)
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        device_path = bool(grads) and takes_device_path(grads[0]) and self._cancels_on_device()
+        device_path = bool(grads) and takes_device_path(grads[0])
         if known is not None and self._same_gradients(known[1]):
             verdict = known[0]
         else:
             verdict = self._gradients_finite(grads, on_device=device_path)
         if not device_path and not isinstance(verdict, bool):
             verdict = bool(verdict)  # a device verdict of clip_grad_norm_ where this step cannot cancel on the device
-        ok = verdict if device_path else None
+        ok = StepGate(verdict) if device_path else None
         if not device_path and not verdict:
             caches["gram_pinv"].clear()
             caches["verdict"] = StepVerdict(skipped=True)
@@ -429,18 +445,13 @@ class LoftOptimizerBase(torch.optim.Optimizer):
     def backend(self) -> str | None:
         """Which implementation ran the last step (logged at ``INFO`` on ``loft_peft`` when it changes):
         ``"native C kernels (CPU, fp32)"``, ``"batched PyTorch (<device>)"``, ``"batched PyTorch, device path (...)"``
-        (no host synchronisation; every device but the CPU), ``"per-layer PyTorch"`` (``foreach=False``), or
-        several of these joined by commas; ``None`` before the first step."""
+        (no host synchronisation; every device but the CPU), or several of these joined by commas; ``None`` before
+        the first step."""
         return self._caches().get("backend")
 
     def note_backend(self, name: str) -> None:
         """Called by a step with the name of the implementation that ran it (see :attr:`backend`)."""
         self._caches().setdefault("backends", set()).add(name)
-
-    def _cancels_on_device(self) -> bool:
-        """Whether every factor group's step can cancel itself on the device (see :meth:`step`): the batched path
-        (``foreach``) can; where a group takes the per-pair reference, the verdict is read on the host first."""
-        return all(group.get("foreach", True) for group in self.param_groups if group["loft"])
 
     def note_counters(self, *tensors: Tensor) -> None:
         """Called by a step before it advances step counts or phases: keeps their values, to put back if the device
@@ -576,32 +587,22 @@ class LoftOptimizerBase(torch.optim.Optimizer):
             verdict = finite if verdict is None else verdict & finite.to(verdict.device)
         return True if verdict is None else verdict
 
-    def _step_factor_group(self, group: dict[str, Any], ok: Tensor | None = None) -> None:
-        """Step a factor group: bucket by bucket (``foreach``, the default), or every pair that has a gradient one at
-        a time through the reference ``_step_pair`` (``foreach=False``; then ``ok`` is ``None``)."""
-        if group.get("foreach", True):
-            for bucket in self.shape_buckets(group):
-                self._step_bucket(group, bucket, ok)
-            return
-        self.note_backend("per-layer PyTorch")
-        for b_param, a_param in self.factor_pairs(group):
-            if b_param.grad is None and a_param.grad is None:
-                continue
-            self._step_pair(group, b_param, a_param)
+    def _step_factor_group(self, group: dict[str, Any], ok: StepGate | None = None) -> None:
+        """Step a factor group bucket by bucket (:meth:`buckets`); ``ok``: the device path's verdict, or ``None``."""
+        for bucket in self.buckets(group):
+            self._step_bucket(group, bucket, ok)
 
-    def _step_bucket(self, group: dict[str, Any], bucket: list[tuple[Tensor, Tensor]], ok: Tensor | None) -> None:
-        raise NotImplementedError
-
-    def _step_pair(self, group: dict[str, Any], b_param: Tensor, a_param: Tensor) -> None:
+    def _step_bucket(self, group: dict[str, Any], bucket: list[tuple[Tensor, Tensor]], ok: StepGate | None) -> None:
+        """Step the pairs of one bucket that have gradients (with ``ok``, cancelled on the device where it is false)."""
         raise NotImplementedError
 
     def _plain_hyperparameters(self, group: dict[str, Any]) -> tuple[float, tuple[float, float], float, float]:
         return group["lr"], group["betas"], group["eps"], group["weight_decay"]
 
-    def _step_plain_group(self, group: dict[str, Any], ok: Tensor | None = None) -> None:
+    def _step_plain_group(self, group: dict[str, Any], ok: StepGate | None = None) -> None:
         """AdamW exactly as ``torch.optim.AdamW`` (decoupled decay, eps outside the root), with fp32 state.
 
-        With a device verdict ``ok`` (0-dim bool), the update is cancelled on the device where it is false: the
+        With a device verdict ``ok`` (a :class:`StepGate`), the update is cancelled on the device where it is false: the
         gradient counts as 0, the decays as 1 and the learning rate as 0, so every value stays as it was, bit for bit.
         """
         lr, (beta1, beta2), eps, weight_decay = self._plain_hyperparameters(group)
@@ -640,7 +641,7 @@ class LoftOptimizerBase(torch.optim.Optimizer):
         return state, dtype
 
     def _step_plain_group_cancellable(
-        self, group: dict[str, Any], ok: Tensor, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float
+        self, group: dict[str, Any], ok: StepGate, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float
     ) -> None:
         for p in group["params"]:
             if p.grad is None:
@@ -649,17 +650,16 @@ class LoftOptimizerBase(torch.optim.Optimizer):
             self.note_counters(state["step"])
             state["step"] += 1
             step = float(state["step"])
-            gate = ok.to(p.device)
-            grad = torch.where(gate, p.grad.to(dtype), 0.0)
+            grad = ok.where(p.grad.to(dtype), 0.0)
             value = p.detach().to(dtype, copy=True) if p.dtype != dtype else p.data
             bias_correction1 = 1.0 - beta1**step
             bias_correction2 = 1.0 - beta2**step
-            state["exp_avg"].lerp_(grad, torch.where(gate, 1.0 - beta1, 0.0).to(dtype))
-            state["exp_avg_sq"].mul_(torch.where(gate, beta2, 1.0)).addcmul_(grad, grad, value=1.0 - beta2)
+            state["exp_avg"].lerp_(grad, ok.choose(1.0 - beta1, 0.0, grad))
+            state["exp_avg_sq"].mul_(ok.choose(beta2, 1.0, grad)).addcmul_(grad, grad, value=1.0 - beta2)
             if weight_decay != 0.0:
-                value.mul_(torch.where(gate, 1.0 - lr * weight_decay, 1.0))
+                value.mul_(ok.choose(1.0 - lr * weight_decay, 1.0, grad))
             denom = (state["exp_avg_sq"].sqrt() / math.sqrt(bias_correction2)).add_(eps)
-            value.addcdiv_(state["exp_avg"] * torch.where(gate, -lr / bias_correction1, 0.0), denom)
+            value.addcdiv_(state["exp_avg"] * ok.choose(-lr / bias_correction1, 0.0, grad), denom)
             if value is not p.data:
                 p.data.copy_(value)
 

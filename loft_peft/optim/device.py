@@ -48,3 +48,31 @@ def autocast_disabled() -> Iterator[None]:
         for device_type in active:
             stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
         yield
+
+
+class StepGate:
+    """The device path's verdict on a step's gradients: ``ok`` (0-dim bool on the device) is true where they are
+    finite. Where it is false every update of the step is cancelled on the device (gradients count as 0, decays as 1,
+    step sizes as 0), with no host read.
+
+    :meth:`choose` gives the gated constants ``torch.where(ok, value, otherwise)`` as 0-dim tensors, each made once a
+    step (a few launches each) rather than once per bucket and use.
+    """
+
+    def __init__(self, ok: Tensor):
+        self.ok = ok
+        self._constants: dict[tuple, Tensor] = {}
+
+    def choose(self, value: float, otherwise: float, like: Tensor) -> Tensor:
+        """``value`` where the gradients are finite, else ``otherwise``: a 0-dim tensor of ``like``'s dtype and device."""
+        key = (value, otherwise, like.dtype, like.device)
+        constant = self._constants.get(key)
+        if constant is None:
+            ok = self.ok if self.ok.device == like.device else self.ok.to(like.device)
+            constant = self._constants[key] = torch.where(ok, value, otherwise).to(like.dtype)
+        return constant
+
+    def where(self, value: Tensor, otherwise: Tensor | float) -> Tensor:
+        """``torch.where(ok, value, otherwise)`` for tensors (on ``value``'s device)."""
+        ok = self.ok if self.ok.device == value.device else self.ok.to(value.device)
+        return torch.where(ok, value, otherwise)

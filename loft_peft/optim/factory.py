@@ -100,8 +100,8 @@ def create_loft_optimizer(
 
             * ``optimizer="adamw"`` (:class:`LoftAdamW`): ``simple_rescale`` (LoFT-simple's step scaled to the norm
               it would have with an orthonormal other factor; see there), ``memory_budget`` and
-              ``max_consecutive_skips`` (see there), ``foreach`` (default ``True``: the batched fast path;
-              ``False``: the per-layer reference path; on x86-64 CPUs with AVX2 or AVX-512, in fp32, the fast path
+              ``max_consecutive_skips`` (see there), ``foreach`` (default ``True``: same-shape layers batched;
+              ``False``: each layer a batch of its own; on x86-64 CPUs with AVX2 or AVX-512, in fp32, the fast path
               runs fused C kernels) and ``compile`` (default ``False``: ``torch.compile`` the elementwise part of the
               fast path's PyTorch operations, used on GPUs and where the C kernels are not used).
             * ``optimizer="muon"`` (:class:`LoftMuon`): ``momentum`` (default 0.95), ``nesterov`` (``False``),

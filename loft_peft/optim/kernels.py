@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from . import maths, native
-from .device import takes_device_path
+from .device import StepGate, takes_device_path
 
 # Rows of the (k, l) matrices rebuilt at once per layer: about 4 MB of fp32 per temporary, so a 4096 x 14336 layer
 # steps with a few tens of MB of scratch while a typical layer (up to ~1M weights) is done in one block. Smaller
@@ -138,7 +138,7 @@ def update_moments_(
     full: bool,
     workspace: Workspace,
     simple_step: dict | None = None,
-    gate: Tensor | None = None,
+    gate: StepGate | None = None,
     budget: int | None = None,
 ) -> list[Tensor] | None:
     """Blocks 2-4 for one side of L pairs, in place, for the factor ``x`` (L, k, r) whose gradient is ``grad``.
@@ -151,7 +151,7 @@ def update_moments_(
     For LoFT-simple (``full=False``) the factor's step can be taken in the same pass: ``simple_step`` holds
     ``x`` and :func:`simple_adam_update`'s keyword arguments, and its result is returned. Otherwise returns ``None``.
 
-    ``gate`` (a 0-dim bool tensor, the device path's verdict): where false, ``grad`` must be zeros and
+    ``gate`` (the device path's verdict, a :class:`StepGate`): where false, ``grad`` must be zeros and
     ``calibration`` the identity; the decays then count as 1, so the moments keep their values bit for bit.
     """
     if native.usable(grad):
@@ -180,8 +180,8 @@ def update_moments_(
         return None if new is None else list(new.unbind(0))
     scaled = torch.bmm(grad, other_gram_pinv)
     carried = exp_avg if calibration is None else torch.bmm(exp_avg, calibration)
-    decay1 = beta1 if gate is None else torch.where(gate, beta1, 1.0).to(exp_avg.dtype)
-    decay2 = beta2 if gate is None else torch.where(gate, beta2, 1.0).to(exp_avg.dtype)
+    decay1 = beta1 if gate is None else gate.choose(beta1, 1.0, exp_avg)
+    decay2 = beta2 if gate is None else gate.choose(beta2, 1.0, exp_avg)
     if beta1 == 0.0 and gate is None:
         exp_avg.copy_(scaled)
     else:
@@ -365,11 +365,6 @@ def projected_muon_direction(momentum: Tensor, y: Tensor, *, steps: int = 5, eps
     return q_m @ (core @ back)
 
 
-def effective_grad_sq_norm(grad: Tensor, other_gram_pinv: Tensor) -> Tensor:
-    """:func:`maths.effective_grad_sq_norm` summed over a batch: ``sum_L sum((g^T g) ⊙ (y^T y)^+)``, 0-dim."""
-    return torch.bmm(grad.transpose(1, 2), grad).mul_(other_gram_pinv).sum()
-
-
 class Workspace:
     """Scratch tensors kept from one step to the next, so that the large per-block temporaries are allocated once.
 
@@ -415,7 +410,7 @@ def projected_adam_update(
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     workspace: Workspace | None = None,
     compiled: bool = False,
-    gate: Tensor | None = None,
+    gate: StepGate | None = None,
     budget: int | None = None,
 ) -> list[Tensor]:
     """The new factor ``decay * x - lr * direction`` with :func:`maths.projected_adam_direction`'s direction (eq. 13).
@@ -441,7 +436,7 @@ def projected_adam_update(
         block_elements: about how many elements of a layer's (rows, l) block are formed at once.
         workspace: where the block temporaries live between calls (a fresh one if ``None``).
         compiled: do Adam's elementwise step in one ``torch.compile``-d pass (falls back to eager if that fails).
-        gate: the device path's verdict (0-dim bool): where false, the result is ``x`` itself, bit for bit.
+        gate: the device path's verdict (a :class:`StepGate`): where false, the result is ``x`` itself, bit for bit.
         budget: on the device path, the bytes the row blocks' temporaries may take (:data:`DEFAULT_MEMORY_BUDGET`);
             it replaces ``block_elements``.
 
@@ -471,9 +466,9 @@ def projected_adam_update(
             scratch=workspace.get("native", (size,), x),
         )
         return list(new.unbind(0))
-    projector_scale = -lr * kappa if gate is None else torch.where(gate, -lr * kappa, 0.0).to(x.dtype)
+    projector_scale = -lr * kappa if gate is None else gate.choose(-lr * kappa, 0.0, x)
     if gate is not None:
-        base = x * torch.where(gate, decay, 1.0).to(x.dtype)
+        base = x * gate.choose(decay, 1.0, x)
     else:
         base = x * decay if decay != 1.0 else x
     floored = floor > 0.0
@@ -689,22 +684,22 @@ def simple_adam_update(
     bias_correction2: float,
     eps: float,
     rescale_by: Tensor | None = None,
-    gate: Tensor | None = None,
+    gate: StepGate | None = None,
 ) -> list[Tensor]:
     """``decay * x - lr * maths.simple_adam_direction(...)`` per layer, (k, r) each, in three passes:
     ``m / (sqrt(v) + eps sqrt(bc2))`` times ``sqrt(bc2) / bc1`` is the reference's ``(m / bc1) / (sqrt(v / bc2) + eps)``.
 
     With ``rescale_by`` (the other factor, (L, l, r)) the direction is scaled by :func:`maths.subspace_norm_scale`.
-    With ``gate`` (the device path's verdict, 0-dim bool), the result is ``x`` itself where it is false.
+    With ``gate`` (the device path's verdict, a :class:`StepGate`), the result is ``x`` itself where it is false.
     """
     denom = torch.sqrt(exp_avg_sq).add_(eps * math.sqrt(bias_correction2))
     value = -lr * math.sqrt(bias_correction2) / bias_correction1
     if gate is not None:
-        base = x * torch.where(gate, decay, 1.0).to(x.dtype)
+        base = x * gate.choose(decay, 1.0, x)
         direction = torch.div(exp_avg, denom)
         if rescale_by is not None:
             direction.mul_(maths.subspace_norm_scale(direction, rescale_by))
-        return list(base.add_(direction.mul_(torch.where(gate, value, 0.0).to(x.dtype))).unbind(0))
+        return list(base.add_(direction.mul_(gate.choose(value, 0.0, x))).unbind(0))
     base = x * decay if decay != 1.0 else x
     if rescale_by is None:
         return list(torch.addcdiv(base, exp_avg, denom, value=value).unbind(0))

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import kernels, maths
+from . import kernels
 from .base import (
     MOVE_A,
     MOVE_B,
@@ -19,7 +19,7 @@ from .base import (
     maths_dtype,
     stack_factors,
 )
-from .device import takes_device_path
+from .device import StepGate, takes_device_path
 
 SCALES = ("none", "spectral", "rms")
 
@@ -95,7 +95,7 @@ class LoftMuon(LoftOptimizerBase):
         calibrate: carry the momenta across subspace changes (block 3). ``False`` is the no-calibration ablation.
         foreach: step all same-shape pairs together with batched operations (the default; on every device but the
             CPU with no host synchronisation, and a non-finite step cancelled on the device, as :class:`LoftAdamW`);
-            ``False`` steps each pair through the functions of :mod:`loft_peft.optim.maths`, the reference.
+            ``False`` steps each pair as a batch of one (the same computation, more calls).
         max_consecutive_skips: steps skipped in a row for NaN or inf gradients after which ``step()`` raises an error
             naming the layers whose gradients are not finite.
     """
@@ -149,7 +149,7 @@ class LoftMuon(LoftOptimizerBase):
         return group["lr"], group["adamw_betas"], group["adamw_eps"], group["weight_decay"]
 
     # ------------------------------------------------------------------------------------------------ batched path
-    def _step_bucket(self, group: dict[str, Any], bucket: list[tuple[Tensor, Tensor]], ok: Tensor | None) -> None:
+    def _step_bucket(self, group: dict[str, Any], bucket: list[tuple[Tensor, Tensor]], ok: StepGate | None) -> None:
         """Step the pairs of one shape bucket that have gradients, together where they share phase and state keys."""
         parts: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
         for b_param, a_param in bucket:
@@ -172,8 +172,8 @@ class LoftMuon(LoftOptimizerBase):
         state_v["momentum_buffer"] = torch.zeros(a_param.shape[::-1], dtype=dtype, device=a_param.device)
 
     def _step_stacked(self, group: dict[str, Any], pairs: list[tuple[Tensor, Tensor]], phase: int,
-                      ok: Tensor | None) -> None:
-        """:meth:`_step_pair` for L same-shape pairs in the same phase, each block one batched call; with ``ok`` (the
+                      ok: StepGate | None) -> None:
+        """One step of L same-shape pairs in the same phase, each block one batched call; with ``ok`` (the
         device verdict on the gradients) every update is cancelled on the device where it is false."""
         mu, lr, weight_decay = group["momentum"], group["lr"], group["weight_decay"]
         b_params, a_params = [b for b, _ in pairs], [a for _, a in pairs]
@@ -187,11 +187,11 @@ class LoftMuon(LoftOptimizerBase):
         grad_u = stack_factors([grad_or_zeros(b) for b in b_params], dtype)
         grad_v = stack_factors([grad_or_zeros(a) for a in a_params], dtype).transpose(1, 2)
         if ok is not None:
-            grad_u, grad_v = torch.where(ok, grad_u, 0.0), torch.where(ok, grad_v, 0.0)
+            grad_u, grad_v = ok.where(grad_u, 0.0), ok.where(grad_v, 0.0)
         pinv_u, pinv_v = kernels.gram_pinv(u), kernels.gram_pinv(v)
         scaled_u, scaled_v = torch.bmm(grad_u, pinv_v), torch.bmm(grad_v, pinv_u)  # block 2
         eye = torch.eye(u.shape[-1], dtype=dtype, device=u.device)
-        carry = mu if ok is None else torch.where(ok, mu, 1.0).to(dtype)
+        carry = mu if ok is None else ok.choose(mu, 1.0, u)
 
         def momentum(states: list[dict], other_states: list[dict], other_pinv: Tensor, scaled: Tensor) -> Tensor:
             """Block 3: m <- mu m C + g~, C from the other factor's ``moved_cross`` (absent: it did not move)."""
@@ -200,7 +200,7 @@ class LoftMuon(LoftOptimizerBase):
             buffer = torch.stack([state["momentum_buffer"] for state in states])
             if group["calibrate"] and crosses[0] is not None:
                 calibration = torch.bmm(torch.stack(crosses), other_pinv)
-                buffer = torch.bmm(buffer, calibration if ok is None else torch.where(ok, calibration, eye))
+                buffer = torch.bmm(buffer, calibration if ok is None else ok.where(calibration, eye))
             return torch.add(scaled, buffer * carry) if ok is not None else torch.add(scaled, buffer, alpha=mu)
 
         # m^U is carried by V's calibration (its moved_cross), m^V by U's.
@@ -214,7 +214,7 @@ class LoftMuon(LoftOptimizerBase):
         step_size = lr * update_scale(u.shape[1], v.shape[1], u.shape[2], group["scale"])
         decay = 1.0 - lr * weight_decay
         if ok is not None:
-            step_size, decay = torch.where(ok, step_size, 0.0).to(dtype), torch.where(ok, decay, 1.0).to(dtype)
+            step_size, decay = ok.choose(step_size, 0.0, u), ok.choose(decay, 1.0, u)
 
         def new_factor(x: Tensor, moment: Tensor, scaled: Tensor, other: Tensor) -> Tensor:
             if group["nesterov"]:
@@ -239,63 +239,6 @@ class LoftMuon(LoftOptimizerBase):
         if group["alternate"]:
             for state in states_u:
                 state["moving"].fill_(MOVE_A if move_b else MOVE_B)
-
-    # ------------------------------------------------------------------------------------------- per-pair reference
-    def _step_pair(self, group: dict[str, Any], b_param: Tensor, a_param: Tensor) -> None:
-        mu, lr, weight_decay = group["momentum"], group["lr"], group["weight_decay"]
-        dtype = maths_dtype(b_param)
-        u = b_param.detach().to(dtype)  # (m, r)
-        v = a_param.detach().T.to(dtype)  # (n, r)
-        grad_u = b_param.grad.to(dtype) if b_param.grad is not None else torch.zeros_like(u)
-        grad_v = a_param.grad.T.to(dtype) if a_param.grad is not None else torch.zeros_like(v)
-
-        state_u, state_v = self.state[b_param], self.state[a_param]
-        if not state_u:
-            state_u["step"] = torch.tensor(0.0)
-            state_u["moving"] = torch.tensor(MOVE_B)
-            state_u["momentum_buffer"] = torch.zeros_like(u)
-            state_v["momentum_buffer"] = torch.zeros_like(v)
-
-        gram_pinv_u, gram_pinv_v = maths.gram_pinv(u), maths.gram_pinv(v)
-        scaled_u = maths.scaled_gradient(grad_u, gram_pinv_v)  # block 2
-        scaled_v = maths.scaled_gradient(grad_v, gram_pinv_u)
-
-        # Block 3: a factor that moved at the last step left ``x_prev^T x``; times ``(x^T x)^+`` it is eq. (7)'s C.
-        # A factor that did not move needs no calibration (C = I), and skipping it avoids the rounding of x x^+.
-        cross_u, cross_v = state_u.pop("moved_cross", None), state_v.pop("moved_cross", None)
-        calib_for_u = cross_v @ gram_pinv_v if group["calibrate"] and cross_v is not None else None
-        calib_for_v = cross_u @ gram_pinv_u if group["calibrate"] and cross_u is not None else None
-        state_u["momentum_buffer"] = maths.update_momentum(state_u["momentum_buffer"], calib_for_u, scaled_u, mu)
-        state_v["momentum_buffer"] = maths.update_momentum(state_v["momentum_buffer"], calib_for_v, scaled_v, mu)
-        state_u["step"] += 1
-        move_b, move_a = self._moving(group, b_param)
-
-        def direction(state: dict[str, Tensor], scaled: Tensor, other: Tensor) -> Tensor:
-            momentum = state["momentum_buffer"]
-            if group["nesterov"]:
-                momentum = torch.add(scaled, momentum, alpha=mu)
-            return maths.projected_muon_direction(momentum, other, steps=group["ns_steps"])
-
-        # Both directions are computed from the factors as they were at this step before either moves.
-        delta_u = direction(state_u, scaled_u, v) if move_b else None
-        delta_v = direction(state_v, scaled_v, u) if move_a else None
-        step_size = lr * update_scale(u.shape[0], v.shape[0], u.shape[1], group["scale"])
-        decay = 1.0 - lr * weight_decay
-        # ``u`` and ``v`` may share storage with the parameters, so each cross term is formed before the copy, from the
-        # new factor as it will be stored (rounded to the parameter's dtype), which is what the next step reads.
-        if delta_u is not None:
-            new_b = (u * decay).sub_(delta_u, alpha=step_size).to(b_param.dtype)
-            if group["calibrate"]:
-                state_u["moved_cross"] = u.T @ new_b.to(dtype)
-            b_param.copy_(new_b)
-        if delta_v is not None:
-            new_a = (v * decay).sub_(delta_v, alpha=step_size).T.to(a_param.dtype)
-            if group["calibrate"]:
-                state_v["moved_cross"] = v.T @ new_a.T.to(dtype)
-            a_param.copy_(new_a)
-        if group["alternate"]:
-            state_u["moving"] = torch.tensor(MOVE_A if move_b else MOVE_B)
-
 
 def _with_adamw_lr(params: nn.Module | Iterable[Any], adamw_lr: float) -> list[dict[str, Any]]:
     """Give every plain group that sets no ``lr`` of its own the AdamW rate (factor groups keep the Muon default)."""
