@@ -2,8 +2,9 @@
 
 The step runs on ``meta`` tensors (shapes, no data: what a GPU's values look like from the host), under the test
 suite's :class:`tests.test_gpu_path.LiveBytes` watch, which also refuses any host synchronisation. It prints, per
-shape set and rank, the aten operations of a step on device tensors (each a kernel launch on a GPU, 5-10 us of host
-time; operations on the CPU's step counts are not counted) and the most bytes its temporaries hold at once, for the default ``memory_budget`` (256 MiB) or ``--budget-mib``::
+shape set and rank, the aten operations of a step on device tensors (operations on the CPU's step counts are not
+counted), how many of them launch a kernel on a GPU (5-10 us of host time each; the others only make views), and the
+most bytes its temporaries hold at once, for the default ``memory_budget`` (256 MiB) or ``--budget-mib``::
 
     python scripts/device_path_counts.py                      # LLaMA-3-8B (32 x q, k, v, up, down) at r = 16, 64
     python scripts/device_path_counts.py --budget-mib 1024
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
             watches = [_step_counts(shapes(rank), steps=s, memory_budget=args.budget_mib << 20) for s in (2, 3)]
             print(json.dumps({"shapes": title, "rank": rank, "budget_mib": args.budget_mib,
                               "ops_per_step": [w.ops for w in watches],
+                              "kernel_launches_per_step": [w.ops - w.views for w in watches],
                               "peak_temporaries_mib": [round(w.peak / 2**20, 1) for w in watches]}), flush=True)
     return 0
 

@@ -19,16 +19,20 @@ from loft_peft import LoftAdamW
 
 # Ops whose result the host must read (a device-to-host synchronisation on a GPU).
 HOST_READS = {"_local_scalar_dense", "equal", "is_nonzero", "nonzero", "item", "masked_select", "unique"}
+# Ops that make a view (new shape or strides over the same storage): dispatched on the host, no kernel launched.
+VIEW_OPS = {"view", "_unsafe_view", "unsqueeze", "squeeze", "transpose", "t", "permute", "expand", "detach", "alias",
+            "slice", "select", "split", "split_with_sizes", "unbind", "diagonal", "as_strided", "_reshape_alias"}
 
 
 class DeviceWatch(TorchDispatchMode):
-    """Refuses host reads of device values and device mixes; counts aten ops (``ops``: those on a device tensor, each a
-    kernel launch on a GPU; ``host_ops``: those on CPU tensors only, such as reading the step counts) and the bytes of
-    the tensors created."""
+    """Refuses host reads of device values and device mixes; counts aten ops (``ops``: those on a device tensor, of
+    which ``views`` only make views and the others launch a kernel on a GPU; ``host_ops``: those on CPU tensors only,
+    such as reading the step counts) and the bytes of the tensors created."""
 
     def __init__(self):
         super().__init__()
         self.ops = 0
+        self.views = 0
         self.host_ops = 0
         self.created_bytes = 0
         self.names: dict[str, int] = {}
@@ -46,6 +50,7 @@ class DeviceWatch(TorchDispatchMode):
         outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         if on_device or any(t.device.type != "cpu" for t in outputs):
             self.ops += 1
+            self.views += name in VIEW_OPS
             self.names[name] = self.names.get(name, 0) + 1
         else:
             self.host_ops += 1
@@ -152,6 +157,15 @@ def test_a_smaller_budget_bounds_the_temporaries_of_many_layers():
     budget = 64 << 20
     peak = max(_step_counts([(14336, 4096, 16)] * 32, steps=s, memory_budget=budget).peak for s in (2, 3))
     assert peak <= budget, f"{peak / 2**20:.0f} MiB of temporaries for 32 layers (budget 64 MiB)"
+
+
+def test_a_step_on_llama3_8b_shapes_launches_at_most_3000_kernels_at_r16():
+    """Clip and step on 32 layers x (q, k, v, up, down) at r = 16 with the default 256 MiB budget, in both phases: the
+    operations that launch a kernel on a GPU (views excluded) stay within 3,000 (5-10 us each: 15-30 ms a step)."""
+    for steps in (2, 3):  # B moves, then A moves
+        watch = _step_counts(llama3_8b_shapes(16), steps=steps)
+        launches = watch.ops - watch.views
+        assert launches <= 3000, f"{launches} kernel launches in step {steps} ({watch.ops} aten operations in all)"
 
 
 def test_the_gram_pseudo_inverses_of_many_layers_stay_within_the_memory_budget():

@@ -125,7 +125,7 @@ def _add_resting_grad(resting: list[Tensor], b_param: Tensor, a_param: Tensor, m
     if move_b != move_a:
         grad = (a_param if move_b else b_param).grad
         if grad is not None:
-            resting.append(grad.detach())
+            resting.append(grad)  # (the norm runs under no_grad)
 
 
 class LoftOptimizerBase(torch.optim.Optimizer):

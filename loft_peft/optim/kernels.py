@@ -473,14 +473,16 @@ def projected_adam_update(
         base = x * decay if decay != 1.0 else x
     floored = floor > 0.0
     if takes_device_path(x):
-        # A quarter of the budget for the stacked factors (see shape_buckets), a quarter for the column matrices of a
-        # chunk of layers (made with a temporary of their size), the rest for the two (layers, rows, columns) blocks
-        # m~ and v~, freed after each block for the GPU's caching allocator to reuse.
+        # Up to a quarter of the budget for the column matrices of a chunk of layers (made with a temporary of their
+        # size), an eighth for the stacked factors still alive here (shape_buckets sizes a bucket for six copies in a
+        # quarter, of which fewer live during block 5: the measured peaks stay under 91% of the budget at r = 16-128,
+        # tests/test_gpu_path.py), the rest for the two (layers, rows, columns) blocks m~ and v~, freed after each
+        # block for the GPU's caching allocator to reuse. Fewer, larger tiles are fewer launches.
         elements = (DEFAULT_MEMORY_BUDGET if budget is None else budget) // x.element_size()
         per_column = 2 * x.shape[-1] + cross.shape[-1]
         columns = min(layers * per_column * length, elements // 8)
         return _projected_adam_update_tiled(x, exp_avg, cross, y, y_gram_pinv, base, scale_first, projector_scale,
-                                            eps_scaled, floored, compiled, row_elements=(elements * 3 // 4
+                                            eps_scaled, floored, compiled, row_elements=(elements * 7 // 8
                                                                                          - 2 * columns) // 2,
                                             column_elements=elements // 8, workspace=None)
     # One bmm per GEMM for all L layers, so a block holds rows of every layer.
