@@ -7,7 +7,9 @@ token ids: the cost does not depend on the text), with adapters of rank r on q/k
 * ``dora``: the same with ``use_dora=True``;
 * ``loft`` / ``loft-simple``: ``LoftConfig(r)`` and ``create_loft_optimizer`` (variant full / simple), with the
   optimizer's own effective-gradient clipping (block 6);
-* ``full``: every weight trained by ``torch.optim.AdamW``, ``clip_grad_norm_``.
+* ``full``: every weight trained by ``torch.optim.AdamW``, ``clip_grad_norm_``;
+* with ``--methods``, also the building blocks' ablations and LoFT-Muon: ``loft-no-alternation``
+  (``alternate=False``), ``loft-no-calibration`` (``calibrate=False``), ``loft-muon`` (``optimizer="muon"``).
 
 All models live in one process and every round runs one step of each in turn (rotating the order), so that the CPU's
 drifting speed hits all methods alike; the table gives each method's median step time and the median over rounds of
@@ -20,6 +22,8 @@ through PyTorch operations). Run with all cores (leave OMP_NUM_THREADS unset)::
 
     python scripts/bench_train_step.py                     # r = 4 and 16, JSON in bench_train_step.json
     python scripts/bench_train_step.py --ranks 16 --rounds 5 --no-memory
+    python scripts/bench_train_step.py --ranks 4 --no-memory --output ablations.json \
+        --methods lora loft loft-simple loft-no-alternation loft-no-calibration loft-muon
 """
 
 from __future__ import annotations
@@ -39,6 +43,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 METHODS = ("lora", "dora", "loft", "loft-simple", "full")
+# What each building block costs: LoFT without it (the paper's ablations), and LoFT-Muon.
+ABLATIONS = {"loft-no-alternation": dict(alternate=False), "loft-no-calibration": dict(calibrate=False),
+             "loft-muon": dict(optimizer="muon")}
+CHOICES = (*METHODS, *ABLATIONS)
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 
 
@@ -71,7 +79,7 @@ def build(method: str, base, rank: int, lr: float = 1e-4):
         return model, optimizer, lambda: torch.nn.utils.clip_grad_norm_(params, 1.0)
     model = get_peft_model(model, LoftConfig(r=rank, target_modules=TARGETS))
     variant = "simple" if method == "loft-simple" else "full"
-    optimizer = create_loft_optimizer(model, lr=lr, variant=variant)
+    optimizer = create_loft_optimizer(model, lr=lr, variant=variant, **ABLATIONS.get(method, {}))
     return model, optimizer, lambda: optimizer.clip_grad_norm_(1.0)
 
 
@@ -122,17 +130,17 @@ def measure_memory(method: str, rank: int, batch_size: int, length: int) -> dict
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def time_rank(base, rank: int, rounds: int, batch_size: int, length: int) -> dict:
-    setups = {method: build(method, base, rank) for method in METHODS}
+def time_rank(base, rank: int, rounds: int, batch_size: int, length: int, methods: tuple[str, ...]) -> dict:
+    setups = {method: build(method, base, rank) for method in methods}
     ids = batch(base.config.vocab_size, batch_size, length)
     for model, optimizer, clip in setups.values():  # warm-up: state creation, kernel generation, allocator growth
         model.train()
         for _ in range(2):
             train_step(model, optimizer, clip, ids)
-    parts = {m: {"total": [], "forward_backward": [], "clip": [], "optimizer": []} for m in METHODS}
-    ratios = {m: [] for m in METHODS}
+    parts = {m: {"total": [], "forward_backward": [], "clip": [], "optimizer": []} for m in methods}
+    ratios = {m: [] for m in methods}
     for round_index in range(rounds):
-        order = METHODS[round_index % len(METHODS) :] + METHODS[: round_index % len(METHODS)]
+        order = methods[round_index % len(methods) :] + methods[: round_index % len(methods)]
         this_round = {}
         for method in order:
             forward_backward, clip_s, step_s = train_step(*setups[method], ids)
@@ -140,10 +148,10 @@ def time_rank(base, rank: int, rounds: int, batch_size: int, length: int) -> dic
             for key, value in (("forward_backward", forward_backward), ("clip", clip_s), ("optimizer", step_s)):
                 parts[method][key].append(value)
             parts[method]["total"].append(this_round[method])
-        for method in METHODS:
+        for method in methods:
             ratios[method].append(this_round[method] / this_round["lora"])
         print(f"  r={rank} round {round_index + 1}/{rounds}: "
-              + " ".join(f"{m} {this_round[m]:.3f}s" for m in METHODS), flush=True)
+              + " ".join(f"{m} {this_round[m]:.3f}s" for m in methods), flush=True)
     del setups
     return {
         "rank": rank,
@@ -161,6 +169,8 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--no-memory", action="store_true", help="skip the child-process memory measurements")
     parser.add_argument("--no-native", action="store_true", help="LoFT through PyTorch operations, not the C kernels")
+    parser.add_argument("--methods", nargs="+", choices=CHOICES, default=list(METHODS),
+                        help="methods to time (LoRA always: the ratios are to it)")
     parser.add_argument("--output", default="bench_train_step.json")
     parser.add_argument("--child-memory", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -184,24 +194,26 @@ def main() -> None:
     }
     print(f"torch {meta['torch']}, {meta['threads']} threads, native kernels: {meta['native']}, "
           f"load average {meta['load_average_start'][0]:.2f}")
+    methods = tuple(dict.fromkeys(["lora", *args.methods]))
+    meta["methods"] = list(methods)
     base = load_base_model()
     results = []
     for rank in (int(r) for r in args.ranks.split(",")):
-        record = time_rank(base, rank, args.rounds, args.batch_size, args.length)
+        record = time_rank(base, rank, args.rounds, args.batch_size, args.length, methods)
         if not args.no_memory:
-            record["memory"] = {m: measure_memory(m, rank, args.batch_size, args.length) for m in METHODS}
+            record["memory"] = {m: measure_memory(m, rank, args.batch_size, args.length) for m in methods}
         results.append(record)
     meta["load_average_end"] = os.getloadavg()
-    header = (f"{'method':>12} {'r':>3} | {'step s':>7} {'x LoRA':>7} | {'fwd+bwd':>7} {'clip':>6} {'optim':>6} | "
+    header = (f"{'method':>19} {'r':>3} | {'step s':>7} {'x LoRA':>7} | {'fwd+bwd':>7} {'clip':>6} {'optim':>6} | "
               f"{'peak RSS GB':>11} {'state MB':>9}")
     print(header)
     print("-" * len(header))
     for record in results:
-        for method in METHODS:
+        for method in methods:
             median = record["median_s"][method]
             memory = record.get("memory", {}).get(method)
             mem_text = "" if memory is None else f"{memory['peak_rss'] / 2**30:11.2f} {memory['state_bytes'] / 2**20:9.1f}"
-            print(f"{method:>12} {record['rank']:>3} | {median['total']:7.3f} {record['ratio_to_lora'][method]:6.2f}x | "
+            print(f"{method:>19} {record['rank']:>3} | {median['total']:7.3f} {record['ratio_to_lora'][method]:6.2f}x | "
                   f"{median['forward_backward']:7.3f} {median['clip']:6.3f} {median['optimizer']:6.3f} | {mem_text}")
     print(f"load average: {meta['load_average_start'][0]:.2f} at the start, {meta['load_average_end'][0]:.2f} at the end")
     with open(args.output, "w") as handle:

@@ -216,7 +216,8 @@ def markdown(records: list[dict], args: argparse.Namespace, command: str, descri
         "Each method's best rate is the one with the lowest held-out loss in the sweep. Train loss: mean of the logged "
         f"losses over the last {FINAL_SHARE:.0%} of the steps. Held-out: blocks of the training distribution not "
         "trained on. Related: a related but different text (not trained on). Seconds per step: wall time of the "
-        "optimizer steps alone, on a shared machine: compare them only within one table. (edge): the best rate is the "
+        "training steps (forward, backward, clip, optimizer step; no evaluation), two runs sharing the machine's two "
+        "cores: compare them only roughly, and see the timed ablation table in the README. (edge): the best rate is the "
         "smallest or largest swept, so the optimum may lie outside the sweep.",
         "",
         "## Best against best",

@@ -59,7 +59,7 @@ def readable_logs(trainer) -> None:
 
 # ====================================================================================================== metrics
 class StepTimer:
-    """Wall time of the optimizer steps alone (forward, backward, clip, step), without evaluation or saving."""
+    """Wall time of the training steps (forward, backward, clip and optimizer step), without evaluation or saving."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
