@@ -208,15 +208,15 @@ class LoftAdamW(LoftOptimizerBase):
     ) -> None:
         """One step of L pairs in the same phase and step, with state ``t`` stacked along dim 0 (updated in place).
 
-        Blocks 2-5 of the paper, each as one batched call (the functions of :mod:`.maths` name the equations). With the native
-        kernels an alternating step (either variant) is a single call (:meth:`_step_in_one_native_call`). ``whole``
-        says that ``t`` is the bucket's own stacked state (not a gathered part of it), whose cached Gram
-        pseudo-inverses can then be used and renewed.
+        Blocks 2-5 of the paper, each as one batched call (the functions of :mod:`.maths` they compute name the
+        equations). With the native kernels an alternating step (either variant) is a single call
+        (:meth:`_step_in_one_native_call`). ``whole`` says that ``t`` is the bucket's own stacked state (not a gathered
+        part of it), whose cached Gram pseudo-inverses can then be used and renewed.
 
         On the device path (:func:`takes_device_path`) nothing is read back on the host: whether a factor changed since
         the last step comes from the parameters' version counters (and, per layer, from a comparison kept on the
-        device), and with ``ok`` (the device verdict on the gradients, a :class:`StepGate`) every update is cancelled on the
-        device where it is false.
+        device), and with ``ok`` (the device verdict on the gradients, a :class:`StepGate`) every update is cancelled
+        on the device where it is false.
         """
         beta1, beta2 = group["betas"]
         lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]

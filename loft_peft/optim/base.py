@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from ..distributed import check_factor_layout
 from . import kernels
 from .device import StepGate, autocast_disabled, full_fp32_matmuls, takes_device_path
+from .groups import loft_param_groups, pair_marked_factors
 
 # Which factor takes the next step, as stored in the optimizer state (a tensor, so that it is checkpointed).
 MOVE_B = 0
@@ -80,46 +81,6 @@ def check_common_hyperparameters(lr: float, betas: tuple[float, float], eps: flo
         raise ValueError(f"Invalid weight_decay: {weight_decay!r}; it must be a finite number >= 0.")
 
 
-def pair_marked_factors(group: dict[str, Any]) -> list[dict[str, Any]]:
-    """Split a parameter group that does not say ``"loft"`` into a factor group and a plain group.
-
-    The LoFT layers mark their factors (``param.loft_factor``, ``param.loft_pair``; see :mod:`loft_peft.tuner.layer`),
-    so a plain list such as ``[p for p in model.parameters() if p.requires_grad]``, or the Trainer's name-based groups,
-    still gives LoFT its (B, A) pairs, in the order their B factors appear. The group's other options go to both
-    parts. A group that sets ``"loft"`` is taken as it is.
-
-    Raises:
-        ValueError: a factor is in the group without the other factor of its pair.
-    """
-    if "loft" in group:
-        return [group]
-    params = group["params"]
-    params = [params] if isinstance(params, Tensor) else list(params)
-    pairs: dict[int, dict[str, Tensor]] = {}
-    plain = []
-    for param in params:
-        role, token = getattr(param, "loft_factor", None), getattr(param, "loft_pair", None)
-        if role in ("A", "B") and token is not None:
-            pairs.setdefault(id(token), {})[role] = param
-        else:
-            plain.append(param)
-    for pair in pairs.values():
-        if len(pair) != 2:
-            (role, param), = pair.items()
-            raise ValueError(
-                f"A parameter group holds loft_{role} of a LoFT layer (shape {tuple(param.shape)}) without its "
-                f"loft_{'A' if role == 'B' else 'B'}: LoFT steps the two factors of a layer together, so put both in "
-                "the same group (or build the optimizer with `create_loft_optimizer(model, ...)`)."
-            )
-    options = {key: value for key, value in group.items() if key != "params"}
-    parts = []
-    if pairs:
-        parts.append({**options, "params": [p for pair in pairs.values() for p in (pair["B"], pair["A"])], "loft": True})
-    if plain or not pairs:
-        parts.append({**options, "params": plain, "loft": False})
-    return parts
-
-
 def _add_resting_grad(resting: list[Tensor], b_param: Tensor, a_param: Tensor, move_b: bool, move_a: bool) -> None:
     """Append the gradient of the factor that does not move at the next step, if one rests and has a gradient."""
     if move_b != move_a:
@@ -133,8 +94,6 @@ class LoftOptimizerBase(torch.optim.Optimizer):
 
     def __init__(self, params: nn.Module | Iterable[Any], defaults: dict[str, Any]):
         if isinstance(params, nn.Module):
-            from .factory import loft_param_groups
-
             params = loft_param_groups(params)
         groups = list(params)
         if groups and not isinstance(groups[0], dict):
@@ -311,8 +270,9 @@ class LoftOptimizerBase(torch.optim.Optimizer):
 
         The pseudo-inverse of each other factor's Gram matrix is kept (with the factors it came from) for the
         ``step()`` that follows, which needs the same matrices and reuses them if the factors have not changed. On the
-        device path the Gram matrices of every bucket are inverted in one batched call (:func:`kernels.spd_pinv`):
-        they are all (r, r), whatever the layers' shapes, and the pseudo-inverse is most of the launches of a bucket.
+        device path the Gram matrices of every bucket are inverted together (:func:`kernels.spd_pinv`), in as few
+        batched calls as the memory budget allows: they are all (r, r), whatever the layers' shapes, and the
+        pseudo-inverse was most of a bucket's launches.
         """
         # The moving factor's gradient g and the other factor y whose Gram matrix scales it (U = B, V = A^T), stacked
         # exactly as the step stacks them, so that the step can reuse the pseudo-inverse bit for bit. Only (r, r)
@@ -346,18 +306,20 @@ class LoftOptimizerBase(torch.optim.Optimizer):
         # Device path: the entries whose Gram matrices are inverted together, as many at once as a quarter of the
         # budget holds the pseudo-inverse's float64 temporaries for (about 12 r x r matrices each).
         budget = group.get("memory_budget", kernels.DEFAULT_MEMORY_BUDGET) // 4
-        calls: dict[tuple, list[list[int]]] = {}
+        calls: dict[tuple, list[tuple[list[int], int]]] = {}  # kind -> [(entries, matrices in them)]
         for index, (_, _, gram) in enumerate(entries):
             if not takes_device_path(gram):
                 continue
-            rank = gram.shape[-1]
-            chunks = calls.setdefault((rank, gram.dtype, gram.device), [[]])
-            if chunks[-1] and sum(entries[i][2].shape[0] for i in chunks[-1]) + gram.shape[0] > max(
-                    1, budget // (12 * rank * rank * 8)):
-                chunks.append([])
-            chunks[-1].append(index)
+            rank, count = gram.shape[-1], gram.shape[0]
+            chunks = calls.setdefault((rank, gram.dtype, gram.device), [([], 0)])
+            indices, held = chunks[-1]
+            if indices and held + count > max(1, budget // (12 * rank * rank * 8)):
+                chunks.append(([], 0))
+                indices, held = chunks[-1]
+            indices.append(index)
+            chunks[-1] = (indices, held + count)
         pinvs = [gram for _, _, gram in entries]
-        for indices in (chunk for chunks in calls.values() for chunk in chunks):
+        for indices in (chunk for chunks in calls.values() for chunk, _ in chunks):
             inverted = kernels.spd_pinv(torch.cat([entries[i][2] for i in indices]))
             for i, pinv in zip(indices, inverted.split([entries[i][2].shape[0] for i in indices])):
                 pinvs[i] = pinv
@@ -641,7 +603,8 @@ class LoftOptimizerBase(torch.optim.Optimizer):
         return state, dtype
 
     def _step_plain_group_cancellable(
-        self, group: dict[str, Any], ok: StepGate, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float
+        self, group: dict[str, Any], ok: StepGate, lr: float, beta1: float, beta2: float, eps: float,
+        weight_decay: float,
     ) -> None:
         for p in group["params"]:
             if p.grad is None:

@@ -64,7 +64,7 @@ class StepGate:
         self._constants: dict[tuple, Tensor] = {}
 
     def choose(self, value: float, otherwise: float, like: Tensor) -> Tensor:
-        """``value`` where the gradients are finite, else ``otherwise``: a 0-dim tensor of ``like``'s dtype and device."""
+        """``value`` where the gradients are finite, else ``otherwise``: 0-dim, of ``like``'s dtype and device."""
         key = (value, otherwise, like.dtype, like.device)
         constant = self._constants.get(key)
         if constant is None:

@@ -1,4 +1,4 @@
-"""Finding factor pairs through the LoFT layers, and the public optimizer factory."""
+"""The public optimizer factory (the factor pairs come from :mod:`.groups`)."""
 
 from __future__ import annotations
 
@@ -8,60 +8,11 @@ import torch
 from torch import nn
 
 from ..distributed import check_distributed_setup
-from ..tuner.layer import LoftLayer
+from .adamw import LoftAdamW
+from .groups import loft_factor_pairs, loft_param_groups
+from .muon import LoftMuon
 
-
-def loft_factor_pairs(model: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter]]:
-    """``(loft_B, loft_A)`` of every LoFT layer's active, trainable adapters, in module order.
-
-    Pairs come from the layers themselves (``LoftLayer.loft_B[name]``, ``LoftLayer.loft_A[name]``), never from
-    parameter names.
-    """
-    pairs = []
-    seen: set[int] = set()
-    for module in model.modules():
-        if not isinstance(module, LoftLayer):
-            continue
-        for name in module.active_adapters:
-            if name not in module.loft_A:
-                continue
-            module.mark_factors(name)
-            b_param, a_param = module.loft_B[name], module.loft_A[name]
-            if not (b_param.requires_grad or a_param.requires_grad) or id(b_param) in seen:
-                continue
-            seen.add(id(b_param))
-            pairs.append((b_param, a_param))
-    return pairs
-
-
-def loft_param_groups(model: nn.Module, **factor_group_options: Any) -> list[dict[str, Any]]:
-    """Parameter groups for a LoFT optimizer: one factor group of (B, A) pairs, one plain group for the rest.
-
-    Args:
-        model: a model holding LoFT layers (a ``PeftModel`` or the model ``get_peft_model`` wrapped).
-        **factor_group_options: options stored on the factor group only (e.g. a different ``lr``).
-
-    Raises:
-        ValueError: the model has no LoFT layer with an active, trainable adapter.
-    """
-    pairs = loft_factor_pairs(model)
-    if not pairs:
-        raise ValueError(
-            "The model has no LoFT layer with an active, trainable adapter: wrap it with "
-            "`get_peft_model(model, LoftConfig(...))` (after `import loft_peft`) before creating the optimizer."
-        )
-    in_pairs = {id(p) for pair in pairs for p in pair}
-    for pair in pairs:
-        for p in pair:
-            p.requires_grad_(True)
-    plain = [p for p in model.parameters() if p.requires_grad and id(p) not in in_pairs]
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            param.loft_name = name  # for messages that name a parameter (e.g. one whose gradients are not finite)
-    groups: list[dict[str, Any]] = [{"params": [p for pair in pairs for p in pair], "loft": True, **factor_group_options}]
-    if plain:
-        groups.append({"params": plain, "loft": False})
-    return groups
+__all__ = ["OPTIMIZERS", "create_loft_optimizer", "loft_factor_pairs", "loft_param_groups"]
 
 
 OPTIMIZERS = ("adamw", "muon")
@@ -127,8 +78,6 @@ def create_loft_optimizer(
             f"Unexpected options for optimizer={optimizer!r}: {unknown}; it takes {sorted(allowed)}."
         )
     if optimizer == "adamw":
-        from .adamw import LoftAdamW
-
         return LoftAdamW(
             loft_param_groups(model),
             lr=lr,
@@ -142,8 +91,6 @@ def create_loft_optimizer(
         )
     if variant != "full":
         raise ValueError("LoFT-Muon has no 'simple' variant; leave `variant` at its default.")
-    from .muon import LoftMuon
-
     return LoftMuon(
         loft_param_groups(model),
         lr=lr,

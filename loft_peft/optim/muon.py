@@ -20,6 +20,7 @@ from .base import (
     stack_factors,
 )
 from .device import StepGate, takes_device_path
+from .groups import loft_param_groups
 
 SCALES = ("none", "spectral", "rms")
 
@@ -243,8 +244,6 @@ class LoftMuon(LoftOptimizerBase):
 def _with_adamw_lr(params: nn.Module | Iterable[Any], adamw_lr: float) -> list[dict[str, Any]]:
     """Give every plain group that sets no ``lr`` of its own the AdamW rate (factor groups keep the Muon default)."""
     if isinstance(params, nn.Module):
-        from .factory import loft_param_groups
-
         params = loft_param_groups(params)
     groups = list(params)
     if groups and not isinstance(groups[0], dict):
