@@ -17,8 +17,11 @@ from torch.utils._pytree import tree_leaves
 
 from loft_peft import LoftAdamW
 
-# Ops whose result the host must read (a device-to-host synchronisation on a GPU).
-HOST_READS = {"_local_scalar_dense", "equal", "is_nonzero", "nonzero", "item", "masked_select", "unique"}
+# Ops whose result the host must read (a device-to-host synchronisation on a GPU), and ops whose CUDA kernels read
+# their error codes on the host (the meta kernels do not show it): the error check of linalg's functions without
+# "_ex", eigh and SVD (behind pinv), cholesky_inverse.
+HOST_READS = {"_local_scalar_dense", "equal", "is_nonzero", "nonzero", "item", "masked_select", "unique",
+              "_linalg_check_errors", "_linalg_eigh", "_linalg_svd", "cholesky_inverse", "linalg_inv"}
 # Ops that make a view (new shape or strides over the same storage): dispatched on the host, no kernel launched.
 VIEW_OPS = {"view", "_unsafe_view", "unsqueeze", "squeeze", "transpose", "t", "permute", "expand", "detach", "alias",
             "slice", "select", "split", "split_with_sizes", "unbind", "diagonal", "as_strided", "_reshape_alias"}

@@ -254,11 +254,19 @@ def spd_pinv(gram: Tensor) -> Tensor:
     # cholesky_inverse raises on a zero pivot, which a failed factorisation can leave; those matrices are redone below,
     # and a valid factor's diagonal is positive, so flooring the diagonal changes nothing else.
     chol.diagonal(dim1=-2, dim2=-1).clamp_(min=torch.finfo(gram.dtype).tiny)
-    inverse = torch.cholesky_inverse(chol)
+    if takes_device_path(gram):
+        # On CUDA cholesky_inverse reads its error codes on the host (a synchronisation); two triangular products do
+        # not: G^-1 = L^-T L^-1 with L^-1 from a triangular solve (cuBLAS trsm, which checks nothing).
+        eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device).expand_as(gram)
+        lower_inverse = torch.linalg.solve_triangular(chol, eye, upper=False)
+        inverse = torch.bmm(lower_inverse.mT, lower_inverse)
+    else:
+        inverse = torch.cholesky_inverse(chol)
     bound = torch.linalg.matrix_norm(gram).mul_(torch.linalg.matrix_norm(inverse))
     accepted = (bound <= _inverse_limit(gram)).logical_and_(info == 0)  # a NaN bound is not accepted
     if takes_device_path(gram):  # no host read of `accepted`: the fallback is computed for all, taken where needed
-        # (float64 Gram matrices need the eigendecomposition: soft_pinv's cut-off would need more than float64)
+        # (float64 Gram matrices need the eigendecomposition, one host read on CUDA: soft_pinv's cut-off would need
+        # more than float64)
         fallback = torch.linalg.pinv(gram, hermitian=True) if gram.dtype == torch.float64 else soft_pinv(gram)
         return torch.where(accepted[:, None, None], inverse, fallback)
     if not bool(accepted.all()):
