@@ -75,7 +75,7 @@ class LoftAdamW(LoftOptimizerBase):
         simple_rescale: LoFT-simple only: scale each factor step so that the full-space step has the norm it would
             have with an orthonormal other factor (:func:`maths.subspace_norm_scale`), independent of the other
             factor's scale. Measured (README, the comparison): it moves LoFT-simple's curve towards LoFT's but does
-            not make LoFT's learning rate carry over; both forms do best at about 10x LoFT's rate. ``False`` (the
+            not make LoFT's learning rate carry over; both forms do best at 10-30x LoFT's rate. ``False`` (the
             default) is the paper's LoFT-simple exactly.
         alternate: move one factor per step (block 1). ``False`` moves both (the paper's no-alternation ablation).
         calibrate: carry moments across subspace changes (blocks 3-4). ``False`` is the no-calibration ablation.

@@ -55,7 +55,7 @@ class TrainConfig:
     loft_simple_rescale: bool = field(
         default=False,
         metadata={"help": "loft-simple: scale each factor step to the norm it would have with an orthonormal other "
-                          "factor (its best rate is still about 10x LoFT's, as the paper's form's); false: the paper's "
+                          "factor (its best rate is still 10-30x LoFT's, as the paper's form's); false: the paper's "
                           "LoFT-simple."},
     )
     quantization: str = field(
