@@ -23,14 +23,18 @@ Methods are loft-train's (``lora dora loft loft-simple loft-muon full``) and the
 ``loft-simple-rescaled`` (``--loft-simple-rescale true``), ``loft-no-alternation`` (``--loft-alternate false``),
 ``loft-no-calibration`` (``--loft-calibrate false``).
 
-Example (the README's sweep; arguments after ``--`` go to every run)::
+Example (the README's Shakespeare sweep; arguments after ``--`` go to every run)::
 
-    python scripts/compare_methods.py --task shakespeare --rank 4 --max-steps 60 \\
-        --methods lora loft loft-simple loft-simple-rescaled full dora loft-muon loft-no-alternation \\
+    python scripts/compare_methods.py --task shakespeare --rank 4 --max-steps 50 --threads 1 \\
+        --methods lora loft full dora loft-muon loft-simple loft-simple-rescaled loft-no-alternation \\
             loft-no-calibration \\
-        --learning-rates 1e-4 3e-4 1e-3 3e-3 --repeat lora loft --eps-methods lora loft --epsilons 1e-6 1e-4 \\
+        --learning-rates 1e-4 3e-4 1e-3 3e-3 --method-learning-rates lora=1e-4,3e-4,1e-3,3e-3,1e-2 \\
+            dora=3e-4,1e-3,3e-3,1e-2 full=1e-5,3e-5,1e-4,3e-4 loft-simple=1e-4,1e-3,3e-3,1e-2,3e-2,1e-1 \\
+            loft-simple-rescaled=1e-4,1e-3,3e-3,1e-2 loft-no-alternation=3e-4,1e-3,3e-3 \\
+            loft-no-calibration=3e-4,1e-3,3e-3 \\
+        --repeat lora loft --eps-methods lora loft --epsilons 1e-6 1e-4 \\
         --output-dir runs/sweep-shakespeare-r4 --name docs/sweep_shakespeare_r4 \\
-        -- --block-size 64 --per-device-train-batch-size 4 --max-eval-examples 48
+        -- --block-size 64 --per-device-train-batch-size 4 --max-eval-examples 40 --eval-steps 50 --save-steps 25
 """
 
 from __future__ import annotations
