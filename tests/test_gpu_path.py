@@ -134,14 +134,52 @@ class LiveBytes(DeviceWatch):
             del self.storages[key]
 
 
-def _step_counts(shapes, steps=3, **options):
-    """Ops and peak temporary bytes of the last of ``steps`` clipped steps on meta tensors (the state exists then)."""
+GEMMS = {"bmm", "baddbmm", "mm", "addmm", "matmul"}
+
+
+class RooflineWatch(LiveBytes):
+    """:class:`LiveBytes` that also adds up, over the operations that launch a kernel, the bytes they read and write
+    (their tensor arguments and results, as dense tensors) and the flops of their GEMMs, and ``seconds``: for each
+    operation the larger of its bytes over ``bandwidth`` (bytes/s) and its flops over ``fp32_flops`` (flop/s), summed,
+    a lower bound of the time a device with those peaks spends on the step."""
+
+    def __init__(self, bandwidth: float, fp32_flops: float):
+        super().__init__()
+        self.bandwidth, self.fp32_flops = bandwidth, fp32_flops  # bytes/s, flop/s
+        self.flops = 0
+        self.bytes = 0
+        self.seconds = 0.0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        name = func.overloadpacket.__name__
+        inputs = [t for t in tree_leaves((args, {k: v for k, v in kwargs.items() if k != "out"}))
+                  if isinstance(t, torch.Tensor) and t.device.type != "cpu"]
+        if not inputs or name in VIEW_OPS:
+            return out
+        outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        moved = sum(t.numel() * t.element_size() for t in inputs + outputs)
+        flops = 0
+        if name in GEMMS:
+            result = outputs[0]
+            inner = (args[0] if name in {"bmm", "mm", "matmul"} else args[1]).shape[-1]  # (.., n, k) @ (.., k, m)
+            flops = 2 * result.numel() * inner
+        self.bytes += moved
+        self.flops += flops
+        self.seconds += max(moved / self.bandwidth, flops / self.fp32_flops)
+        return out
+
+
+def _step_counts(shapes, steps=3, watch=None, **options):
+    """Ops and peak temporary bytes of the last of ``steps`` clipped steps on meta tensors (the state exists then),
+    watched by ``watch`` (a fresh :class:`LiveBytes` by default)."""
     params = meta_pairs(shapes)
     optimizer = _optimizer(params, **options)
     for _ in range(steps - 1):
         optimizer.clip_grad_norm_(1.0)
         optimizer.step()
-    watch = LiveBytes()
+    watch = LiveBytes() if watch is None else watch
     with watch:
         optimizer.clip_grad_norm_(1.0)
         optimizer.step()
@@ -169,6 +207,20 @@ def test_a_step_on_llama3_8b_shapes_launches_at_most_3000_kernels_at_r16():
         watch = _step_counts(llama3_8b_shapes(16), steps=steps)
         launches = watch.ops - watch.views
         assert launches <= 3000, f"{launches} kernel launches in step {steps} ({watch.ops} aten operations in all)"
+
+
+@pytest.mark.parametrize("rank", [16, 64])
+def test_a_step_on_llama3_8b_shapes_keeps_a_gpu_busier_than_its_launches_keep_the_host(rank):
+    """At an H200's peaks (4.8 TB/s, 67 fp32 TFLOP/s) the device's least time for the step's operations exceeds the
+    host's time to launch them at 10 us each, in both phases: the launches queue ahead of the GPU instead of leaving
+    it waiting. Small blocks fail it: with ``memory_budget=8 << 20`` a step at r = 16 is 76,809 launches (0.77 s at
+    10 us) for 96 ms of device time."""
+    for steps in (2, 3):
+        watch = _step_counts(llama3_8b_shapes(rank), steps=steps, watch=RooflineWatch(4.8e12, 67e12))
+        launches = watch.ops - watch.views
+        assert watch.seconds > launches * 10e-6, (
+            f"step {steps}: {launches} launches take {launches * 10e-3:.0f} ms at 10 us, the device "
+            f"{watch.seconds * 1e3:.0f} ms at its peaks")
 
 
 def test_the_gram_pseudo_inverses_of_many_layers_stay_within_the_memory_budget():

@@ -275,9 +275,9 @@ class LoftAdamW(LoftOptimizerBase):
             eye = torch.eye(u.shape[-1], dtype=dtype, device=u.device)
             calib_for_u = None if calib_for_u is None else ok.where(calib_for_u, eye)
             calib_for_v = None if calib_for_v is None else ok.where(calib_for_v, eye)
-        budget = group.get("memory_budget", kernels.DEFAULT_MEMORY_BUDGET)
+        budget = self.working_budget(group)
         # Blocks 2-4 for both sides; LoFT-simple's moving factor steps in the same pass (its step is elementwise).
-        simple_steps: dict[str, list[Tensor] | None] = {}
+        simple_steps: dict[str, Tensor | None] = {}
         for side, grad, pinv, calib, x, moves in (
             ("u", grad_u, pinv_v, calib_for_u, u, move_b),
             ("v", grad_v, pinv_u, calib_for_v, v, move_a),
@@ -300,7 +300,7 @@ class LoftAdamW(LoftOptimizerBase):
             if not same:
                 t[side + ":prev"].copy_(x if ok is None else ok.where(x, t[side + ":prev"]))
 
-        def updated(side: str, x: Tensor, other: Tensor, other_pinv: Tensor) -> list[Tensor]:
+        def updated(side: str, x: Tensor, other: Tensor, other_pinv: Tensor) -> Tensor:
             if rescale:
                 return kernels.simple_adam_update(x, t[side + ":exp_avg"], t[side + ":exp_avg_sq"], rescale_by=other,
                                                   gate=ok, **options)
@@ -325,9 +325,9 @@ class LoftAdamW(LoftOptimizerBase):
         new_u = updated("u", u, v, pinv_v) if move_b else None
         new_v = updated("v", v, u, pinv_u) if move_a else None
         if new_u is not None:
-            torch._foreach_copy_(b_params, new_u)
+            torch._foreach_copy_(b_params, list(new_u.unbind(0)))
         if new_v is not None:
-            torch._foreach_copy_(a_params, [x.T for x in new_v])
+            torch._foreach_copy_(a_params, list(new_v.transpose(1, 2).unbind(0)))
         if group["alternate"]:
             t["u:moving"].fill_(MOVE_A if move_b else MOVE_B)
         if whole:
@@ -391,7 +391,7 @@ class LoftAdamW(LoftOptimizerBase):
         if new is None:
             increment_version(moving)  # as an in-place copy would: autograd sees the change
         else:
-            torch._foreach_copy_(moving, [x if move_b else x.T for x in new.unbind(0)])
+            torch._foreach_copy_(moving, list((new if move_b else new.transpose(1, 2)).unbind(0)))
         if whole:
             stacked.gram_pinv = {"u": pinv_u, "v": pinv_v}  # the pseudo-inverses of the factors now in "prev"
         return True

@@ -167,6 +167,18 @@ class LoftOptimizerBase(torch.optim.Optimizer):
         self._caches()["buckets"][id(group)] = (key, result)
         return result
 
+    def working_budget(self, group: dict[str, Any]) -> int:
+        """The bytes of ``memory_budget`` that one bucket's step may use: the budget less the Gram pseudo-inverses
+        kept for every layer of the group while the buckets step (up to four r x r matrices a layer: the last step's
+        two and the norm computation's), and never less than a quarter of it."""
+        budget = group.get("memory_budget", kernels.DEFAULT_MEMORY_BUDGET)
+        key = (tuple(map(id, group["params"])), budget)
+        cached = self._caches().setdefault("working_budget", {}).get(id(group))
+        if cached is None or cached[0] != key:
+            held = sum(4 * b.shape[1] ** 2 * torch.finfo(maths_dtype(b)).bits // 8 for b, _ in self.factor_pairs(group))
+            cached = self._caches()["working_budget"][id(group)] = (key, max(budget - held, budget // 4))
+        return cached[1]
+
     def buckets(self, group: dict[str, Any]) -> list[list[tuple[Tensor, Tensor]]]:
         """The buckets a factor group is stepped and clipped in: :meth:`shape_buckets` (``foreach``, the default), or
         every pair on its own (``foreach=False``: the same computation, one layer at a time)."""

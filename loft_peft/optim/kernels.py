@@ -83,10 +83,13 @@ def _select_columns(x: Tensor, index: Tensor) -> Tensor:
 def packed_outer(x: Tensor) -> Tensor:
     """:func:`maths.packed_outer` for a batch: (..., k, r) -> (..., k, R) with entries ``x_s x_t``, s <= t.
 
-    Up to r = 8 the two R-column factors are gathered and multiplied; beyond, gathering the R packed products out of
-    all r^2 (one broadcast multiply) moves less memory. Measured on 1024-row blocks.
+    On the CPU, up to r = 8 the two R-column factors are gathered and multiplied; beyond, gathering the R packed
+    products out of all r^2 (one broadcast multiply) moves less memory. Measured on 1024-row blocks. On the device path
+    the two factors are selected by ``index_select`` (three launches, no views).
     """
     index = _indices(x)
+    if takes_device_path(x):
+        return x.index_select(-1, index["s"]).mul_(x.index_select(-1, index["t"]))
     if x.shape[-1] <= 8:
         return _select_columns(x, index["s"]).mul_(_select_columns(x, index["t"]))
     products = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)
@@ -140,7 +143,7 @@ def update_moments_(
     simple_step: dict | None = None,
     gate: StepGate | None = None,
     budget: int | None = None,
-) -> list[Tensor] | None:
+) -> Tensor | None:
     """Blocks 2-4 for one side of L pairs, in place, for the factor ``x`` (L, k, r) whose gradient is ``grad``.
 
     ``g~ = g (y^T y)^+`` (:func:`maths.scaled_gradient`), ``m <- lerp(g~, m C, beta1)``
@@ -149,7 +152,8 @@ def update_moments_(
     keeps it. ``calibration`` (L, r, r) or ``None`` for the identity.
 
     For LoFT-simple (``full=False``) the factor's step can be taken in the same pass: ``simple_step`` holds
-    ``x`` and :func:`simple_adam_update`'s keyword arguments, and its result is returned. Otherwise returns ``None``.
+    ``x`` and :func:`simple_adam_update`'s keyword arguments, and its result (L, k, r) is returned. Otherwise returns
+    ``None``.
 
     ``gate`` (the device path's verdict, a :class:`StepGate`): where false, ``grad`` must be zeros and
     ``calibration`` the identity; the decays then count as 1, so the moments keep their values bit for bit.
@@ -177,7 +181,7 @@ def update_moments_(
             scratch=workspace.get("native_moments", (size,), grad),
             simple_step=folded,
         )
-        return None if new is None else list(new.unbind(0))
+        return new
     scaled = torch.bmm(grad, other_gram_pinv)
     carried = exp_avg if calibration is None else torch.bmm(exp_avg, calibration)
     decay1 = beta1 if gate is None else gate.choose(beta1, 1.0, exp_avg)
@@ -186,6 +190,7 @@ def update_moments_(
         exp_avg.copy_(scaled)
     else:
         torch.lerp(scaled, carried, decay1, out=exp_avg)
+    del carried  # before the cross terms' blocks are made
     if full:
         update_cross_terms_(second, calibration, scaled, decay2, budget=budget)
         return None
@@ -221,11 +226,15 @@ def _carry_cross_terms_in_blocks_(
 ) -> None:
     """:func:`update_cross_terms_` on the device path: each row's r x r matrix carried as ``C^T P C`` (4 r^3 flops a
     row against the packed GEMM's 2 R^2, and no (L, R, R) matrix, which is 2 GB a layer chunk at r = 128), in row
-    blocks whose temporaries fit half of ``budget`` bytes."""
+    blocks whose temporaries fit three quarters of ``budget`` bytes (the rest holds the bucket's stacked factors,
+    gradients and scaled gradients). A row's temporaries are at most two r x r matrices and a packed row while
+    carrying (``P`` and ``P C``, then ``C^T P`` and ``C^T P C``, then that and its packed upper triangle), and two
+    packed rows for the new term (:func:`packed_outer`'s two selections)."""
     layers, rows, packed = cross.shape
     rank = scaled.shape[-1]
     index = _indices(scaled)
-    per_row = layers * (3 * rank * rank + 3 * packed) * cross.element_size()
+    carrying = 0 if calibration is None else 2 * rank * rank
+    per_row = layers * (carrying + 2 * packed) * cross.element_size()
     step = max(1, min(rows, (DEFAULT_MEMORY_BUDGET if budget is None else budget) * 3 // 4 // per_row))
     for block, grads in zip(cross.split(step, dim=1), scaled.split(step, dim=1)):
         carried = block
@@ -420,7 +429,7 @@ def projected_adam_update(
     compiled: bool = False,
     gate: StepGate | None = None,
     budget: int | None = None,
-) -> list[Tensor]:
+) -> Tensor:
     """The new factor ``decay * x - lr * direction`` with :func:`maths.projected_adam_direction`'s direction (eq. 13).
 
     For each layer, ``direction = D y (y^T y)^+`` with ``D = [m~/bc1] / (sqrt(max(v~, floor m~^2)/bc2) + eps)``,
@@ -453,7 +462,7 @@ def projected_adam_update(
     PyTorch path only.
 
     Returns:
-        The new factor of each layer, (k, r) each, new tensors.
+        The new factors, (L, k, r), a new tensor.
     """
     workspace = Workspace() if workspace is None else workspace
     layers, length = x.shape[0], y.shape[1]
@@ -473,7 +482,7 @@ def projected_adam_update(
             floored=floor > 0.0,
             scratch=workspace.get("native", (size,), x),
         )
-        return list(new.unbind(0))
+        return new
     projector_scale = -lr * kappa if gate is None else gate.choose(-lr * kappa, 0.0, x)
     if gate is not None:
         base = x * gate.choose(decay, 1.0, x)
@@ -481,17 +490,18 @@ def projected_adam_update(
         base = x * decay if decay != 1.0 else x
     floored = floor > 0.0
     if takes_device_path(x):
-        # Up to a quarter of the budget for the column matrices of a chunk of layers (made with a temporary of their
-        # size), an eighth for the stacked factors still alive here (shape_buckets sizes a bucket for six copies in a
-        # quarter, of which fewer live during block 5: the measured peaks stay under 91% of the budget at r = 16-128,
-        # tests/test_gpu_path.py), the rest for the two (layers, rows, columns) blocks m~ and v~, freed after each
-        # block for the GPU's caching allocator to reuse. Fewer, larger tiles are fewer launches.
+        # An eighth of the budget for the stacked factors still alive here (shape_buckets sizes a bucket for six
+        # copies in a quarter, of which three live during block 5), up to an eighth for the column matrices of a
+        # chunk of layers, the rest for the two (layers, rows, columns) blocks m~ and v~, freed after each tile for
+        # the GPU's caching allocator to reuse. The next column matrices are made while no block is alive (with
+        # temporaries of twice their size). Fewer, larger tiles are fewer launches; tests/test_gpu_path.py measures
+        # the peaks against the budget.
         elements = (DEFAULT_MEMORY_BUDGET if budget is None else budget) // x.element_size()
         per_column = 2 * x.shape[-1] + cross.shape[-1]
         columns = min(layers * per_column * length, elements // 8)
         return _projected_adam_update_tiled(x, exp_avg, cross, y, y_gram_pinv, base, scale_first, projector_scale,
                                             eps_scaled, floored, compiled, row_elements=(elements * 7 // 8
-                                                                                         - 2 * columns) // 2,
+                                                                                         - columns) // 2,
                                             column_elements=elements // 8, workspace=None)
     # One bmm per GEMM for all L layers, so a block holds rows of every layer.
     return _projected_adam_update_tiled(x, exp_avg, cross, y, y_gram_pinv, base, scale_first, projector_scale,
@@ -515,7 +525,7 @@ def _projected_adam_update_tiled(
     row_elements: int,
     column_elements: int | None,
     workspace: Workspace | None,
-) -> list[Tensor]:
+) -> Tensor:
     """:func:`projected_adam_update` with batched GEMMs, in tiles: chunks of layers, of the other factor's rows (the
     columns of the (k, l) matrices) and of rows. A chunk's column matrices (``2 r + R`` rows by the tile's columns
     per layer) hold at most ``column_elements`` numbers (``None``: no limit), a tile's three blocks at most
@@ -543,20 +553,16 @@ def _projected_adam_update_tiled(
             for m_rows, p_rows, out_rows in blocks:
                 if workspace is None:  # the device path: two blocks, freed after use
                     first, second = torch.bmm(m_rows, first_cols), torch.bmm(p_rows, second_cols)
-                    if floored and not compiled:  # max(v~, (a m~)^2) as (v~ - (a m~)^2)^+ + (a m~)^2: no third block
-                        second.addcmul_(first, first, value=-1.0).clamp_min_(0.0).addcmul_(first, first)
-                        ratio = torch.div(first, second.sqrt_().add_(eps), out=second)
-                    else:
-                        ratio = _adam_ratio_(first, second, torch.empty_like(first) if floored else None, eps, compiled)
+                    ratio = _adam_ratio_(first, second, eps, floored, compiled=compiled)
                 else:
                     shape = (m_rows.shape[0], m_rows.shape[1], y_cols.shape[2])
                     first = torch.bmm(m_rows, first_cols, out=workspace.get("first", shape, x))
                     second = torch.bmm(p_rows, second_cols, out=workspace.get("second", shape, x))
                     square = workspace.get("square", shape, x) if floored else None
-                    ratio = _adam_ratio_(first, second, square, eps, compiled)
+                    ratio = _adam_ratio_(first, second, eps, floored, square, compiled)
                 out_rows.baddbmm_(ratio, projector)
                 del first, second, ratio  # before the next block's are made: one block alive at a time
-    return list(out.unbind(0))
+    return out
 
 
 def _block5_constants(
@@ -634,22 +640,28 @@ def alternating_step(
     )
 
 
-def _adam_ratio_(first: Tensor, second: Tensor, square: Tensor | None, eps: float, compiled: bool = False) -> Tensor:
-    """``first / (sqrt(max(second, first^2)) + eps)`` into ``second``, with ``square`` as scratch for ``first^2``;
-    without ``square``, ``first / (sqrt(max(second, 0)) + eps)``.
+def _adam_ratio_(
+    first: Tensor, second: Tensor, eps: float, floored: bool, square: Tensor | None = None, compiled: bool = False
+) -> Tensor:
+    """``first / (sqrt(max(second, first^2)) + eps)`` into ``second`` (``floored``), else
+    ``first / (sqrt(max(second, 0)) + eps)``.
 
-    Five passes over the block in eager mode; with ``compiled`` one, through :func:`_fused_ratio` (if it compiles).
+    ``square`` (a block like ``first``) is scratch for ``first^2``: five passes over the block. Without it, the
+    maximum is taken as ``(second - first^2)^+ + first^2`` (six passes, no third block). With ``compiled`` one pass,
+    through :func:`_fused_ratio` (if it compiles).
     """
     if compiled:
         fused = _fused_ratio()
         if fused is not None:
             try:
-                fused(first, second, torch.tensor(eps, dtype=first.dtype), square is not None)
+                fused(first, second, torch.tensor(eps, dtype=first.dtype), floored)
                 return second
             except Exception as error:  # noqa: BLE001 - no compiler, unsupported backend...: eager is always right
                 _disable_compile(error)
-    if square is not None:
+    if floored and square is not None:
         torch.maximum(second, torch.mul(first, first, out=square), out=second)
+    elif floored:
+        second.addcmul_(first, first, value=-1.0).clamp_min_(0.0).addcmul_(first, first)
     else:
         second.clamp_min_(0.0)
     second.sqrt_().add_(eps)
@@ -695,8 +707,8 @@ def simple_adam_update(
     eps: float,
     rescale_by: Tensor | None = None,
     gate: StepGate | None = None,
-) -> list[Tensor]:
-    """``decay * x - lr * maths.simple_adam_direction(...)`` per layer, (k, r) each, in three passes:
+) -> Tensor:
+    """``decay * x - lr * maths.simple_adam_direction(...)`` per layer, (L, k, r) (a new tensor), in three passes:
     ``m / (sqrt(v) + eps sqrt(bc2))`` times ``sqrt(bc2) / bc1`` is the reference's ``(m / bc1) / (sqrt(v / bc2) + eps)``.
 
     With ``rescale_by`` (the other factor, (L, l, r)) the direction is scaled by :func:`maths.subspace_norm_scale`.
@@ -709,10 +721,10 @@ def simple_adam_update(
         direction = torch.div(exp_avg, denom)
         if rescale_by is not None:
             direction.mul_(maths.subspace_norm_scale(direction, rescale_by))
-        return list(base.add_(direction.mul_(gate.choose(value, 0.0, x))).unbind(0))
+        return base.add_(direction.mul_(gate.choose(value, 0.0, x)))
     base = x * decay if decay != 1.0 else x
     if rescale_by is None:
-        return list(torch.addcdiv(base, exp_avg, denom, value=value).unbind(0))
+        return torch.addcdiv(base, exp_avg, denom, value=value)
     direction = torch.div(exp_avg, denom)
     scale = maths.subspace_norm_scale(direction, rescale_by)
-    return list(torch.add(base, direction.mul_(scale), alpha=value).unbind(0))
+    return torch.add(base, direction.mul_(scale), alpha=value)
