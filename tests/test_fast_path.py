@@ -493,6 +493,33 @@ def test_compiled_elementwise_step_equals_eager(floor):
         assert float((a - b).abs().max() / b.abs().max()) < 1e-6
 
 
+@pytest.mark.parametrize("budget_elements", [20_000, 40_000, 100_000])
+@pytest.mark.parametrize("floor", [0.0, maths.second_moment_floor(0.9, 0.999)])
+def test_device_path_tiles_equal_reference_across_layer_column_and_row_seams(budget_elements, floor):
+    """With small budgets the device path splits block 5 into chunks of layers, of columns and of rows (each budget
+    here splits at least two of them, with uneven tails), and the carried cross terms into row blocks: the results
+    equal the float64 references."""
+    layers, rows, length, rank = 3, 300, 530, 5
+    x, exp_avg, cross, y = _direction_inputs(torch.float64, layers=layers, rows=rows, length=length, rank=rank)
+    chunk, columns, step = kernels._device_tiling(layers, rows, length, rank, budget_elements, False)
+    assert sum((chunk < layers, columns < length, step < rows)) >= 2, "the budget must split the tiles"
+    pinv = torch.stack([maths.gram_pinv(layer) for layer in y])
+    options = dict(bias_correction1=0.271, bias_correction2=0.003, eps=1e-8)
+    generator = torch.Generator().manual_seed(1)
+    calibration = torch.randn(layers, rank, rank, generator=generator, dtype=torch.float64)
+    scaled = torch.randn(layers, rows, rank, generator=generator, dtype=torch.float64)
+    with _backend("device"):
+        new = kernels.projected_adam_update(x, exp_avg, cross, y, pinv, lr=0.05, decay=0.99, floor=floor,
+                                            budget=budget_elements * 8, **options)
+        carried = cross.clone()
+        kernels.update_cross_terms_(carried, calibration, scaled, 0.99, budget=budget_elements * 8)
+    for i in range(layers):
+        direction = maths.projected_adam_direction(exp_avg[i], cross[i], y[i], pinv[i], floor=floor, **options)
+        torch.testing.assert_close(new[i], 0.99 * x[i] - 0.05 * direction, rtol=1e-10, atol=1e-12)
+        expected = maths.update_cross_terms(cross[i], maths.packed_congruence(calibration[i]), scaled[i], 0.99)
+        torch.testing.assert_close(carried[i], expected, rtol=1e-10, atol=1e-12)
+
+
 def test_projected_adam_update_applies_the_floor_where_v_cancels():
     """Where the rebuilt v~ is negative, the fast update uses the same Cauchy-Schwarz floor as the reference."""
     x, exp_avg, cross, y = _direction_inputs(torch.float64, layers=1)

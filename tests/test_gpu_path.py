@@ -200,13 +200,13 @@ def test_a_smaller_budget_bounds_the_temporaries_of_many_layers():
     assert peak <= budget, f"{peak / 2**20:.0f} MiB of temporaries for 32 layers (budget 64 MiB)"
 
 
-def test_a_step_on_llama3_8b_shapes_launches_at_most_3000_kernels_at_r16():
-    """Clip and step on 32 layers x (q, k, v, up, down) at r = 16 with the default 256 MiB budget, in both phases: the
-    operations that launch a kernel on a GPU (views excluded) stay within 3,000 (5-10 us each: 15-30 ms a step)."""
+def test_a_step_on_llama3_8b_shapes_takes_at_most_3000_aten_operations_at_r16():
+    """Clip and step on 32 layers x (q, k, v, up, down) at r = 16 with the default 256 MiB budget, in both phases:
+    at most 3,000 aten operations on device tensors, views included (those that launch a kernel cost 5-10 us of host
+    time each, the views about a microsecond)."""
     for steps in (2, 3):  # B moves, then A moves
         watch = _step_counts(llama3_8b_shapes(16), steps=steps)
-        launches = watch.ops - watch.views
-        assert launches <= 3000, f"{launches} kernel launches in step {steps} ({watch.ops} aten operations in all)"
+        assert watch.ops <= 3000, f"{watch.ops} aten operations in step {steps} ({watch.ops - watch.views} launches)"
 
 
 @pytest.mark.parametrize("rank", [16, 64])

@@ -490,23 +490,51 @@ def projected_adam_update(
         base = x * decay if decay != 1.0 else x
     floored = floor > 0.0
     if takes_device_path(x):
-        # An eighth of the budget for the stacked factors still alive here (shape_buckets sizes a bucket for six
-        # copies in a quarter, of which three live during block 5), up to an eighth for the column matrices of a
-        # chunk of layers, the rest for the two (layers, rows, columns) blocks m~ and v~, freed after each tile for
-        # the GPU's caching allocator to reuse. The next column matrices are made while no block is alive (with
-        # temporaries of twice their size). Fewer, larger tiles are fewer launches; tests/test_gpu_path.py measures
-        # the peaks against the budget.
         elements = (DEFAULT_MEMORY_BUDGET if budget is None else budget) // x.element_size()
-        per_column = 2 * x.shape[-1] + cross.shape[-1]
-        columns = min(layers * per_column * length, elements // 8)
+        tiling = _device_tiling(layers, x.shape[1], length, x.shape[-1], elements, compiled)
         return _projected_adam_update_tiled(x, exp_avg, cross, y, y_gram_pinv, base, scale_first, projector_scale,
-                                            eps_scaled, floored, compiled, row_elements=(elements * 7 // 8
-                                                                                         - columns) // 2,
-                                            column_elements=elements // 8, workspace=None)
+                                            eps_scaled, floored, compiled, tiling=tiling, workspace=None)
     # One bmm per GEMM for all L layers, so a block holds rows of every layer.
+    step = min(x.shape[1], max(1, block_elements // (layers * length)))
     return _projected_adam_update_tiled(x, exp_avg, cross, y, y_gram_pinv, base, scale_first, projector_scale,
-                                        eps_scaled, floored, compiled, row_elements=block_elements,
-                                        column_elements=None, workspace=workspace)
+                                        eps_scaled, floored, compiled, tiling=(layers, length, step),
+                                        workspace=workspace)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_tiling(layers: int, rows: int, length: int, rank: int, elements: int, compiled: bool) -> tuple[int, int, int]:
+    """Block 5's tiles on the device path: ``(layers, columns, rows)`` of a tile, the fewest launches that fit.
+
+    Of a budget of ``elements`` numbers, an eighth holds the bucket's stacked factors still alive during block 5
+    (:meth:`~loft_peft.optim.base.LoftOptimizerBase.shape_buckets` sizes a bucket for six copies in a quarter, of
+    which three live here). A chunk of layers and columns has column matrices of ``(2 r + R) x columns`` per layer,
+    made with temporaries of twice their size while the last chunk's are alive (three times their size in all, no
+    block alive then); a tile's two blocks, m~ and v~ (layers x rows x columns each), fit beside them. Among the
+    splits into equal parts, the one with the fewest launches (about 7 per column chunk, 9 per tile, 4 compiled) wins.
+    """
+    per_column = 2 * rank + rank * (rank + 1) // 2
+    room = elements * 7 // 8
+    per_tile = 4 if compiled else 9
+    best: tuple[int, int, int, int] | None = None  # (launches, chunk, columns, rows)
+    for chunk in sorted({-(-layers // n) for n in range(1, layers + 1)}, reverse=True):
+        layer_chunks = -(-layers // chunk)
+        for column_chunks in range(1, min(length, 256) + 1):
+            columns = -(-length // column_chunks)
+            if -(-length // columns) != column_chunks:
+                continue  # the same split as a smaller count
+            held = chunk * per_column * columns
+            if 3 * held > room:
+                continue
+            most_rows = (room - held) // (2 * chunk * columns)
+            if most_rows < 1:
+                continue
+            row_tiles = -(-rows // min(rows, most_rows))
+            launches = layer_chunks * column_chunks * (7 + per_tile * row_tiles)
+            if best is None or launches < best[0]:
+                best = (launches, chunk, columns, -(-rows // row_tiles))
+    if best is None:  # a budget too small for any split: the smallest tiles
+        return 1, max(1, min(length, room // 3 // per_column)), 1
+    return best[1], best[2], best[3]
 
 
 def _projected_adam_update_tiled(
@@ -522,23 +550,14 @@ def _projected_adam_update_tiled(
     floored: bool,
     compiled: bool,
     *,
-    row_elements: int,
-    column_elements: int | None,
+    tiling: tuple[int, int, int],
     workspace: Workspace | None,
 ) -> Tensor:
-    """:func:`projected_adam_update` with batched GEMMs, in tiles: chunks of layers, of the other factor's rows (the
-    columns of the (k, l) matrices) and of rows. A chunk's column matrices (``2 r + R`` rows by the tile's columns
-    per layer) hold at most ``column_elements`` numbers (``None``: no limit), a tile's three blocks at most
-    ``row_elements`` each. The projection back sums over the column tiles."""
-    layers, rows, rank = x.shape
-    length, packed = y.shape[1], cross.shape[-1]
-    per_column = 2 * rank + packed
-    chunk, columns = layers, length
-    if column_elements is not None and layers * per_column * length > column_elements:
-        chunk = max(1, column_elements // (per_column * length))
-        if chunk == 1:
-            columns = max(1, min(length, column_elements // per_column))
-    step = min(rows, max(1, row_elements // max(chunk * columns, 1)))
+    """:func:`projected_adam_update` with batched GEMMs, in tiles of ``tiling = (layers, columns, rows)``: chunks of
+    layers, of the other factor's rows (the columns of the (k, l) matrices) and of rows. The projection back sums over
+    the column tiles."""
+    layers = x.shape[0]
+    chunk, columns, step = tiling
     out = base.clone() if base is x else base
     for first_layer in range(0, layers, chunk):
         layer_slice = slice(first_layer, first_layer + chunk)
