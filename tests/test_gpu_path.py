@@ -203,7 +203,7 @@ def test_a_smaller_budget_bounds_the_temporaries_of_many_layers():
 def test_a_step_on_llama3_8b_shapes_takes_at_most_3000_aten_operations_at_r16():
     """Clip and step on 32 layers x (q, k, v, up, down) at r = 16 with the default 256 MiB budget, in both phases:
     at most 3,000 aten operations on device tensors, views included (those that launch a kernel cost 5-10 us of host
-    time each, the views about a microsecond)."""
+    time each; views launch none)."""
     for steps in (2, 3):  # B moves, then A moves
         watch = _step_counts(llama3_8b_shapes(16), steps=steps)
         assert watch.ops <= 3000, f"{watch.ops} aten operations in step {steps} ({watch.ops - watch.views} launches)"
@@ -213,7 +213,7 @@ def test_a_step_on_llama3_8b_shapes_takes_at_most_3000_aten_operations_at_r16():
 def test_a_step_on_llama3_8b_shapes_keeps_a_gpu_busier_than_its_launches_keep_the_host(rank):
     """At an H200's peaks (4.8 TB/s, 67 fp32 TFLOP/s) the device's least time for the step's operations exceeds the
     host's time to launch them at 10 us each, in both phases: the launches queue ahead of the GPU instead of leaving
-    it waiting. Small blocks fail it: with ``memory_budget=8 << 20`` a step at r = 16 is 76,809 launches (0.77 s at
+    it waiting. Small blocks fail it: with ``memory_budget=8 << 20`` a step at r = 16 is 71,529 launches (0.72 s at
     10 us) for 96 ms of device time."""
     for steps in (2, 3):
         watch = _step_counts(llama3_8b_shapes(rank), steps=steps, watch=RooflineWatch(4.8e12, 67e12))
