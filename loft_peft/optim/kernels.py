@@ -226,8 +226,8 @@ def _carry_cross_terms_in_blocks_(
 ) -> None:
     """:func:`update_cross_terms_` on the device path: each row's r x r matrix carried as ``C^T P C`` (4 r^3 flops a
     row against the packed GEMM's 2 R^2, and no (L, R, R) matrix, which is 2 GB a layer chunk at r = 128), in row
-    blocks whose temporaries fit three quarters of ``budget`` bytes (the rest holds the bucket's stacked factors,
-    gradients and scaled gradients). A row's temporaries are at most two r x r matrices and a packed row while
+    blocks whose temporaries fit seven eighths of ``budget`` bytes (the rest holds the bucket's stacked factors,
+    gradients and scaled gradients: three of the six copies a bucket is sized for in a quarter). A row's temporaries are at most two r x r matrices and a packed row while
     carrying (``P`` and ``P C``, then ``C^T P`` and ``C^T P C``, then that and its packed upper triangle), and two
     packed rows for the new term (:func:`packed_outer`'s two selections)."""
     layers, rows, packed = cross.shape
@@ -235,7 +235,7 @@ def _carry_cross_terms_in_blocks_(
     index = _indices(scaled)
     carrying = 0 if calibration is None else 2 * rank * rank
     per_row = layers * (carrying + 2 * packed) * cross.element_size()
-    step = max(1, min(rows, (DEFAULT_MEMORY_BUDGET if budget is None else budget) * 3 // 4 // per_row))
+    step = max(1, min(rows, (DEFAULT_MEMORY_BUDGET if budget is None else budget) * 7 // 8 // per_row))
     for block, grads in zip(cross.split(step, dim=1), scaled.split(step, dim=1)):
         carried = block
         if calibration is not None:
