@@ -12,7 +12,9 @@ Run it on a machine with a CUDA GPU, in one go (a few minutes)::
 2. **Whole training step** (forward, backward, clipping at 1.0, optimizer step) of a LLaMA-shaped model with random
    weights, ``--layers`` layers of LLaMA-3-8B's sizes (hidden 4096, MLP 14336, 32 heads, 8 KV heads), in bf16, batch
    ``--batch`` x ``--seq`` tokens: LoFT (``create_loft_optimizer``) against LoRA (PEFT, ``lora_alpha = 2r``) with
-   ``torch.optim.AdamW(fused=True)`` and ``clip_grad_norm_``, at r = 16 and r = 64, adapters on q/k/v/up/down_proj.
+   ``torch.optim.AdamW(fused=True)`` and ``clip_grad_norm_``, at r = 16 and r = 64, adapters on q/k/v/up/down_proj;
+   and LoFT with ``compile=True`` (block 5's elementwise step fused by ``torch.compile``; its compilation falls in
+   the warm-up steps; ``--no-compiled`` leaves it out).
    Median of ``--steps`` timed steps after 3 warm-up steps, with ``torch.cuda.synchronize()`` around each; peak
    memory (``max_memory_allocated``) and the optimizer's state bytes against the model's bf16 weights.
 3. **QLoFT**: the same model saved once and loaded back in 4-bit NF4 through ``load_qloft_model`` (r = 16), against
@@ -109,6 +111,7 @@ def _llama(tiny: bool, layers: int):
 
 
 def _adapted(method: str, rank: int, device: str, tiny: bool, layers: int, base_path: str | None = None):
+    """(model, optimizer, clip) for ``method``: ``"lora"``, ``"loft"`` or ``"loft-compiled"`` (``compile=True``)."""
     from peft import LoraConfig, get_peft_model
 
     if base_path is not None:  # 4-bit base
@@ -129,11 +132,11 @@ def _adapted(method: str, rank: int, device: str, tiny: bool, layers: int, base_
             model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS))
     else:
         model = _llama(tiny, layers).to(device=device, dtype=torch.bfloat16)
-        config = (LoftConfig(r=rank, target_modules=TARGETS) if method == "loft"
+        config = (LoftConfig(r=rank, target_modules=TARGETS) if method.startswith("loft")
                   else LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS))
         model = get_peft_model(model, config)
-    if method == "loft":
-        optimizer = create_loft_optimizer(model, lr=1e-4)
+    if method.startswith("loft"):
+        optimizer = create_loft_optimizer(model, lr=1e-4, compile=method == "loft-compiled")
 
         def clip():
             optimizer.clip_grad_norm_(1.0)
@@ -176,7 +179,7 @@ def time_steps(method: str, rank: int, args, base_path: str | None = None) -> di
               "model_bf16_bytes": weights}
     if device == "cuda":
         result["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
-    if method == "loft":
+    if method.startswith("loft"):
         result["backend"] = optimizer.backend
     del model, optimizer
     if device == "cuda":
@@ -194,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--no-qloft", action="store_true")
+    parser.add_argument("--no-compiled", action="store_true", help="leave out LoFT with compile=True")
     parser.add_argument("--output", default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -201,12 +205,14 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                     "torch": torch.__version__, "correctness": correctness(args.device, args.tiny), "steps": []}
     print(json.dumps(report["correctness"]), flush=True)
+    methods = ("lora", "loft") if args.no_compiled else ("lora", "loft", "loft-compiled")
     for rank in args.ranks:
-        pair = [time_steps(method, rank, args) for method in ("lora", "loft")]
-        pair[1]["vs_lora"] = pair[1]["seconds_per_step"] / pair[0]["seconds_per_step"]
-        pair[1]["state_vs_bf16_weights"] = pair[1]["optimizer_state_bytes"] / pair[1]["model_bf16_bytes"]
-        report["steps"] += pair
-        print(json.dumps(pair), flush=True)
+        rows = [time_steps(method, rank, args) for method in methods]
+        for row in rows[1:]:
+            row["vs_lora"] = row["seconds_per_step"] / rows[0]["seconds_per_step"]
+            row["state_vs_bf16_weights"] = row["optimizer_state_bytes"] / row["model_bf16_bytes"]
+        report["steps"] += rows
+        print(json.dumps(rows), flush=True)
     if not args.no_qloft and args.device == "cuda":
         with tempfile.TemporaryDirectory() as folder:
             _llama(args.tiny, args.layers).to(torch.bfloat16).save_pretrained(folder)
@@ -218,8 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.output, "w") as handle:
             json.dump(report, handle, indent=1)
     for row in report["steps"]:
-        if row["method"] == "loft":
+        if row["method"].startswith("loft"):
             kind = "QLoFT" if row["quantized"] else "LoFT"
+            kind += " compile=True" if row["method"] == "loft-compiled" else ""
             print(f"{kind} r={row['rank']}: {row['vs_lora']:.2f}x LoRA's step "
                   f"({row['seconds_per_step'] * 1e3:.1f} ms), optimizer state "
                   f"{row['optimizer_state_bytes'] / row['model_bf16_bytes']:.1%} of the bf16 weights"

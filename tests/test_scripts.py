@@ -19,5 +19,6 @@ def test_the_gpu_check_script_runs_end_to_end_on_the_cpu(tmp_path, capsys):
     assert gpu_check.main(["--device", "cpu", "--tiny", "--layers", "1", "--batch", "1", "--seq", "16", "--steps",
                            "1", "--ranks", "4", "--output", str(output)]) == 0
     text = capsys.readouterr().out
-    assert "LoFT r=4:" in text and "correctness: largest relative difference 0.00e+00" in text
+    assert "LoFT r=4:" in text and "LoFT compile=True r=4:" in text
+    assert "correctness: largest relative difference 0.00e+00" in text
     assert output.is_file()
