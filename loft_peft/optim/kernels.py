@@ -508,8 +508,8 @@ def _device_tiling(layers: int, rows: int, length: int, rank: int, elements: int
     Of a budget of ``elements`` numbers, an eighth holds the bucket's stacked factors still alive during block 5
     (:meth:`~loft_peft.optim.base.LoftOptimizerBase.shape_buckets` sizes a bucket for six copies in a quarter, of
     which three live here). A chunk of layers and columns has column matrices of ``(2 r + R) x columns`` per layer,
-    made with temporaries of twice their size while the last chunk's are alive (three times their size in all, no
-    block alive then); a tile's two blocks, m~ and v~ (layers x rows x columns each), fit beside them. Among the
+    made with temporaries of twice their size (after the last chunk's are freed, while no block is alive); a tile's
+    two blocks, m~ and v~ (layers x rows x columns each), fit beside them. Among the
     splits into equal parts, the one with the fewest launches (about 7 per column chunk, 9 per tile, 4 compiled) wins.
     """
     per_column = 2 * rank + rank * (rank + 1) // 2
@@ -523,7 +523,7 @@ def _device_tiling(layers: int, rows: int, length: int, rank: int, elements: int
             if -(-length // columns) != column_chunks:
                 continue  # the same split as a smaller count
             held = chunk * per_column * columns
-            if 3 * held > room:
+            if 2 * held > room:
                 continue
             most_rows = (room - held) // (2 * chunk * columns)
             if most_rows < 1:
@@ -581,6 +581,7 @@ def _projected_adam_update_tiled(
                     ratio = _adam_ratio_(first, second, eps, floored, square, compiled)
                 out_rows.baddbmm_(ratio, projector)
                 del first, second, ratio  # before the next block's are made: one block alive at a time
+            del first_cols, second_cols, projector  # before the next chunk's are made
     return out
 
 
