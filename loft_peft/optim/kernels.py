@@ -227,9 +227,10 @@ def _carry_cross_terms_in_blocks_(
     """:func:`update_cross_terms_` on the device path: each row's r x r matrix carried as ``C^T P C`` (4 r^3 flops a
     row against the packed GEMM's 2 R^2, and no (L, R, R) matrix, which is 2 GB a layer chunk at r = 128), in row
     blocks whose temporaries fit seven eighths of ``budget`` bytes (the rest holds the bucket's stacked factors,
-    gradients and scaled gradients: three of the six copies a bucket is sized for in a quarter). A row's temporaries are at most two r x r matrices and a packed row while
-    carrying (``P`` and ``P C``, then ``C^T P`` and ``C^T P C``, then that and its packed upper triangle), and two
-    packed rows for the new term (:func:`packed_outer`'s two selections)."""
+    gradients and scaled gradients: three of the six copies a bucket is sized for in a quarter). A row's temporaries
+    are at most two r x r matrices and a packed row while carrying (``P`` and ``P C``, then ``C^T P`` and
+    ``C^T P C``, then that and its packed upper triangle), and two packed rows for the new term
+    (:func:`packed_outer`'s two selections)."""
     layers, rows, packed = cross.shape
     rank = scaled.shape[-1]
     index = _indices(scaled)
@@ -502,15 +503,17 @@ def projected_adam_update(
 
 
 @functools.lru_cache(maxsize=None)
-def _device_tiling(layers: int, rows: int, length: int, rank: int, elements: int, compiled: bool) -> tuple[int, int, int]:
+def _device_tiling(
+    layers: int, rows: int, length: int, rank: int, elements: int, compiled: bool
+) -> tuple[int, int, int]:
     """Block 5's tiles on the device path: ``(layers, columns, rows)`` of a tile, the fewest launches that fit.
 
     Of a budget of ``elements`` numbers, an eighth holds the bucket's stacked factors still alive during block 5
     (:meth:`~loft_peft.optim.base.LoftOptimizerBase.shape_buckets` sizes a bucket for six copies in a quarter, of
     which three live here). A chunk of layers and columns has column matrices of ``(2 r + R) x columns`` per layer,
     made with temporaries of twice their size (after the last chunk's are freed, while no block is alive); a tile's
-    two blocks, m~ and v~ (layers x rows x columns each), fit beside them. Among the
-    splits into equal parts, the one with the fewest launches (about 7 per column chunk, 9 per tile, 4 compiled) wins.
+    two blocks, m~ and v~ (layers x rows x columns each), fit beside them. Among the splits into equal parts, the one
+    with the fewest launches (about 7 per column chunk, 9 per tile, 4 compiled) wins.
     """
     per_column = 2 * rank + rank * (rank + 1) // 2
     room = elements * 7 // 8
@@ -533,7 +536,7 @@ def _device_tiling(layers: int, rows: int, length: int, rank: int, elements: int
             if best is None or launches < best[0]:
                 best = (launches, chunk, columns, -(-rows // row_tiles))
     if best is None:  # a budget too small for any split: the smallest tiles
-        return 1, max(1, min(length, room // 3 // per_column)), 1
+        return 1, max(1, min(length, room // 2 // per_column)), 1
     return best[1], best[2], best[3]
 
 
