@@ -213,7 +213,7 @@ def test_a_step_on_llama3_8b_shapes_takes_at_most_3000_aten_operations_at_r16():
 def test_a_step_on_llama3_8b_shapes_keeps_a_gpu_busier_than_its_launches_keep_the_host(rank):
     """At an H200's peaks (4.8 TB/s, 67 fp32 TFLOP/s) the device's least time for the step's operations exceeds the
     host's time to launch them at 10 us each, in both phases: the launches queue ahead of the GPU instead of leaving
-    it waiting. Small blocks fail it: with ``memory_budget=8 << 20`` a step at r = 16 is 71,529 launches (0.72 s at
+    it waiting. Small blocks fail it: with ``memory_budget=8 << 20`` a step at r = 16 is 70,089 launches (0.70 s at
     10 us) for 96 ms of device time."""
     for steps in (2, 3):
         watch = _step_counts(llama3_8b_shapes(rank), steps=steps, watch=RooflineWatch(4.8e12, 67e12))
